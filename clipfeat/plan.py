@@ -1,0 +1,190 @@
+"""The frozen work list: ordered items cut into fixed chunks; chunk i becomes shard i.
+
+The plan is written once into ``OUT/.clipfeat/plan.jsonl`` (a header line, then one line per
+item with its chunk id) and only ever extended: inputs found later are appended as new
+chunks, so finished chunks and their shards never change. Every process (rank) derives the
+same chunks from the same file, which is what makes resume and scale-out need no
+coordinator.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from clipfeat.errors import ConfigError, StoreError
+
+PLAN_DIR = ".clipfeat"
+PLAN_FILE = "plan.jsonl"
+PLAN_FORMAT = "clipfeat-plan"
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PlanItem:
+    index: int
+    chunk: int
+    key: str
+    path: str
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Chunk:
+    id: int
+    start: int  # index of its first item in Plan.items
+    stop: int
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass
+class Plan:
+    header: dict[str, Any]
+    items: list[PlanItem]
+    chunks: list[Chunk]
+    appended: int = 0  # items added by this call (0 on a plain resume)
+
+    @property
+    def shard_size(self) -> int:
+        return int(self.header["shard_size"])
+
+    def chunk_items(self, chunk: Chunk) -> list[PlanItem]:
+        return self.items[chunk.start : chunk.stop]
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "shard_size": self.shard_size,
+            "num_items": len(self.items),
+            "num_chunks": len(self.chunks),
+            "created": self.header.get("created"),
+            "sources": self.header.get("sources"),
+        }
+
+
+def plan_path(out: Path) -> Path:
+    return Path(out) / PLAN_DIR / PLAN_FILE
+
+
+def _dumps(obj: Any) -> str:
+    # ensure_ascii keeps lone surrogates (undecodable file names) representable
+    return json.dumps(obj, ensure_ascii=True, separators=(",", ":"))
+
+
+def _atomic_write_lines(path: Path, lines: Iterable[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for line in lines:
+                fh.write(line)
+                fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _cut(items: list[PlanItem]) -> list[Chunk]:
+    chunks: list[Chunk] = []
+    start = 0
+    for i in range(1, len(items) + 1):
+        if i == len(items) or items[i].chunk != items[start].chunk:
+            chunks.append(Chunk(items[start].chunk, start, i))
+            start = i
+    return chunks
+
+
+def load_plan(out: Path) -> Plan | None:
+    """Read the frozen plan of OUT, or None when there is none yet."""
+    path = plan_path(out)
+    if not path.exists():
+        return None
+    items: list[PlanItem] = []
+    try:
+        with open(path, encoding="utf-8") as fh:
+            header = json.loads(fh.readline())
+            if header.get("format") != PLAN_FORMAT:
+                raise StoreError(f"{path} is not a clipfeat plan")
+            for line in fh:
+                d = json.loads(line)
+                items.append(PlanItem(d["i"], d["c"], d["k"], d["p"], d.get("e")))
+    except (ValueError, KeyError) as err:
+        raise StoreError(
+            f"the plan {path} is damaged ({err}); rerun with --overwrite to start over"
+        ) from None
+    return Plan(header, items, _cut(items))
+
+
+def freeze(
+    out: Path,
+    items: Sequence[Any],
+    *,
+    shard_size: int,
+    sources: dict[str, Any],
+    identity: dict[str, Any] | None = None,
+) -> Plan:
+    """Create the plan of OUT from `items` (objects with key/path/error), or extend it.
+
+    An existing plan keeps its items and chunks; keys it does not know are appended as new
+    chunks of its own shard size. Items already planned are never re-ordered or removed
+    (a file gone since is recorded as a failure when its chunk runs).
+    """
+    existing = load_plan(out)
+    if existing is None:
+        header = {
+            "format": PLAN_FORMAT,
+            "version": PLAN_VERSION,
+            "shard_size": shard_size,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "sources": sources,
+            "identity": identity or {},
+        }
+        planned: list[PlanItem] = []
+        next_chunk = 0
+        known: set[str] = set()
+    else:
+        header = existing.header
+        if int(header["shard_size"]) != shard_size:
+            raise ConfigError(
+                f"--shard-size {shard_size} differs from the {header['shard_size']} this output "
+                f"was planned with: rerun with --shard-size {header['shard_size']}, "
+                "or --overwrite to start over"
+            )
+        planned = list(existing.items)
+        next_chunk = (existing.chunks[-1].id + 1) if existing.chunks else 0
+        known = {it.key for it in planned}
+
+    new = [it for it in items if it.key not in known]
+    size = int(header["shard_size"])
+    base = len(planned)
+    for j, it in enumerate(new):
+        planned.append(
+            PlanItem(base + j, next_chunk + j // size, it.key, it.path, getattr(it, "error", None))
+        )
+    if existing is None or new:
+        _atomic_write_lines(
+            plan_path(out),
+            [_dumps(header)]
+            + [_dumps(_item_dict(it)) for it in planned],
+        )
+    return Plan(header, planned, _cut(planned), appended=len(new))
+
+
+def _item_dict(it: PlanItem) -> dict[str, Any]:
+    d: dict[str, Any] = {"i": it.index, "c": it.chunk, "k": it.key, "p": it.path}
+    if it.error:
+        d["e"] = it.error
+    return d
