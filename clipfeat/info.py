@@ -1,0 +1,253 @@
+"""``clipfeat info``: what a tower will produce, from its configs only (no weights, no torch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from clipfeat.errors import ConfigError
+from clipfeat.modelref import resolve_model
+from clipfeat.tower import check_feature, resolve_layer, tokens_per_image
+
+STORE_BYTES_PER_VALUE = 2  # features are stored as float16 by default
+
+_RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box",
+                   5: "hamming"}
+
+# The image processors' own defaults (transformers CLIPImageProcessor / SiglipImageProcessor),
+# used when a checkpoint has no preprocessor_config.json, as the tower does.
+_OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+_OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def describe_model(
+    model: str,
+    *,
+    layer: int = -2,
+    feature: str = "patch",
+    images: int | None = None,
+) -> dict:
+    """Shapes, sizes and preprocessing a tower produces, read from its configs (no weights)."""
+    ref = resolve_model(model, need_weights=False)
+    num_layers = ref.num_hidden_layers
+    layer_index = resolve_layer(layer, num_layers)
+    check_feature(feature, ref.family)
+    tokens = tokens_per_image(ref, feature)
+    hidden = ref.hidden_size
+    bytes_per_image = tokens * hidden * STORE_BYTES_PER_VALUE
+    preprocessing = _preprocessing(ref.preprocessor_config, ref.family, ref.image_size)
+    data: dict[str, Any] = {
+        "model": model,
+        "local_dir": str(ref.local_dir),
+        "revision": ref.revision,
+        "model_type": ref.model_type,
+        "family": ref.family,
+        "weights": ref.weights_file.name if ref.weights_file else None,
+        "hidden_size": hidden,
+        "num_hidden_layers": num_layers,
+        "image_size": ref.image_size,
+        "patch_size": ref.patch_size,
+        "num_patches": ref.num_patches,
+        "has_cls_token": ref.has_cls_token,
+        "layer": layer,
+        "layer_index": layer_index,
+        "layer_range": [-(num_layers + 1), num_layers],
+        "feature": feature,
+        "tokens_per_image": tokens,
+        "feature_shape": [tokens, hidden],
+        "store_dtype": "float16",
+        "bytes_per_image": bytes_per_image,
+        "preprocessing": preprocessing,
+    }
+    warnings = []
+    out_size = _output_size(preprocessing)
+    if out_size is not None and out_size != (ref.image_size, ref.image_size):
+        warnings.append(
+            f"preprocessing yields {out_size[0]}x{out_size[1]} px but the model expects "
+            f"{ref.image_size}x{ref.image_size}"
+        )
+    if preprocessing["source"] != "preprocessor_config.json":
+        warnings.append("no preprocessor_config.json: the image processor's defaults are used")
+    data["warnings"] = warnings
+    if images is not None:
+        if isinstance(images, bool) or not isinstance(images, int) or images < 0:
+            raise ConfigError(f"images {images!r} must be a non-negative integer")
+        total = images * bytes_per_image
+        data["images"] = images
+        data["total_bytes"] = total
+        data["total_human"] = human_bytes(total)
+    return data
+
+
+def format_model(d: dict) -> str:
+    """A readable, aligned table of `describe_model`'s facts."""
+    lo, hi = d["layer_range"]
+    pp = d["preprocessing"]
+    cls = "yes" if d["has_cls_token"] else "no"
+    side = d["image_size"] // d["patch_size"]
+    if d["feature"] == "patch" and d["has_cls_token"]:
+        tokens_note = "CLS dropped"
+    elif d["has_cls_token"]:
+        tokens_note = "CLS + patches"
+    else:
+        tokens_note = "all patches, no CLS token"
+    image = (f"{d['image_size']} px, patch {d['patch_size']} -> {side}x{side} = "
+             f"{d['num_patches']} patches, CLS token: {cls}")
+    tokens, hidden = d["feature_shape"]
+    rows: list[tuple[str, str]] = [
+        ("model", d["model"]),
+        ("folder", d["local_dir"] + (f" (revision {d['revision']})" if d["revision"] else "")),
+        ("model type", f"{d['model_type']} ({_kind(d)})"),
+        ("weights", d["weights"] or "not present (configs only)"),
+        ("hidden size", str(d["hidden_size"])),
+        ("blocks", f"{d['num_hidden_layers']} (valid --layer {lo}..{hi})"),
+        ("image", image),
+        ("layer", f"{d['layer']} = hidden_states[{d['layer_index']}]"),
+        ("feature", f"{d['feature']} ({d['tokens_per_image']} tokens, {tokens_note})"),
+        ("feature shape", f"{tokens} x {hidden} ({d['store_dtype']})"),
+        ("per image", f"{human_bytes(d['bytes_per_image'])} ({d['bytes_per_image']} B)"),
+    ]
+    if "images" in d:
+        rows.append((f"{d['images']} images", f"{d['total_human']} ({d['total_bytes']} B)"))
+    rows += [
+        ("resize", _fmt_size(pp["resize"]) + (f", {pp['resample']}" if pp["resize"] else "")),
+        ("center crop", _fmt_size(pp["crop"])),
+        ("rescale", "none" if pp["rescale_factor"] is None else f"x {pp['rescale_factor']:.8g}"),
+        ("mean", _fmt_floats(pp["mean"])),
+        ("std", _fmt_floats(pp["std"])),
+        ("preprocessing", pp["source"]),
+    ]
+    rows += [("warning", w) for w in d.get("warnings", [])]
+    return _table(rows)
+
+
+def _kind(d: dict) -> str:
+    name = "CLIP" if d["family"] == "clip" else "SigLIP"
+    if d["model_type"] in ("clip", "siglip"):
+        return f"{name} text+vision checkpoint, vision half used"
+    return f"{name} vision tower"
+
+
+def is_store(target: str) -> bool:
+    """True if ``target`` is a clipfeat output folder (manifest.json or shard-*.h5)."""
+    path = Path(target).expanduser()
+    if not path.is_dir():
+        return False
+    return (path / "manifest.json").is_file() or any(path.glob("shard-*.h5"))
+
+
+def describe_store(target: str) -> dict:
+    """Summary of a clipfeat output store (delegates to ``clipfeat.store.describe_store``)."""
+    from clipfeat.store import describe_store as _describe_store
+
+    return _describe_store(Path(target).expanduser())
+
+
+def format_store(d: dict) -> str:
+    """Text of `describe_store`'s summary: ``clipfeat.store.format_store`` if it has one."""
+    from clipfeat import store
+
+    formatter = getattr(store, "format_store", None)
+    if formatter is not None:
+        return formatter(d)
+    rows: list[tuple[str, str]] = []  # fallback: a flat key/value table
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for key, sub in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), sub)
+        else:
+            rows.append((prefix, _fmt_value(value)))
+
+    walk("", d)
+    return _table(rows)
+
+
+def human_bytes(n: float) -> str:
+    """Binary units with two decimals: 1181116006 -> '1.10 GiB'."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(value) < 1024 or unit == "PiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _preprocessing(cfg: dict | None, family: str, image_size: int) -> dict:
+    """Normalise a preprocessor_config.json (or the processor's defaults) to the facts we show."""
+    source = "preprocessor_config.json"
+    if cfg is None:
+        source = "defaults (no preprocessor_config.json)"
+        if family == "clip":
+            cfg = {"size": {"shortest_edge": image_size},
+                   "crop_size": {"height": image_size, "width": image_size},
+                   "image_mean": _OPENAI_CLIP_MEAN, "image_std": _OPENAI_CLIP_STD}
+        else:
+            cfg = {"size": {"height": image_size, "width": image_size},
+                   "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    default_mean = _OPENAI_CLIP_MEAN if family == "clip" else [0.5, 0.5, 0.5]
+    default_std = _OPENAI_CLIP_STD if family == "clip" else [0.5, 0.5, 0.5]
+
+    resize = None
+    if cfg.get("do_resize", True):
+        resize = _size_dict(cfg.get("size"), shortest_edge=(family == "clip"))
+    crop = None
+    if family == "clip" and cfg.get("do_center_crop", True):
+        crop = _size_dict(cfg.get("crop_size"), shortest_edge=False)
+    resample = cfg.get("resample", 3)
+    rescale = cfg.get("rescale_factor", 1 / 255) if cfg.get("do_rescale", True) else None
+    normalize = cfg.get("do_normalize", True)
+    return {
+        "resize": resize,
+        "crop": crop,
+        "resample": _RESAMPLE_NAMES.get(resample, str(resample)),
+        "rescale_factor": rescale,
+        "mean": list(cfg.get("image_mean", default_mean)) if normalize else None,
+        "std": list(cfg.get("image_std", default_std)) if normalize else None,
+        "source": source,
+    }
+
+
+def _size_dict(size: Any, *, shortest_edge: bool) -> dict | None:
+    if size is None:
+        return None
+    if isinstance(size, int):  # old configs: "size": 224 / "crop_size": 224
+        return {"shortest_edge": size} if shortest_edge else {"height": size, "width": size}
+    if isinstance(size, dict):
+        return dict(size)
+    return {"value": size}
+
+
+def _output_size(pp: dict) -> tuple[int, int] | None:
+    """(height, width) the processor produces, when the configs say so plainly."""
+    for part in (pp["crop"], pp["resize"]):
+        if part and "height" in part and "width" in part:
+            return int(part["height"]), int(part["width"])
+    return None
+
+
+def _fmt_size(size: dict | None) -> str:
+    if not size:
+        return "none"
+    if "height" in size and "width" in size:
+        return f"{size['height']}x{size['width']}"
+    return ", ".join(f"{k}={v}" for k, v in size.items())
+
+
+def _fmt_floats(values: list | None) -> str:
+    return "none" if values is None else "(" + ", ".join(f"{v:.8g}" for v in values) + ")"
+
+
+def _fmt_value(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_fmt_value(v) for v in value) if value else "-"
+    if isinstance(value, dict):
+        return "-"
+    return str(value)
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    width = max((len(k) for k, _ in rows), default=0)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

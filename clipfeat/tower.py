@@ -1,0 +1,390 @@
+"""`CLIPVisionTower`: LLaVA's vision tower (same API and features), computing only what it returns.
+
+The class is an ``nn.Module`` built on first access (``from clipfeat.tower import
+CLIPVisionTower``), so importing this module does not import torch. The torch-free helpers
+`resolve_layer`, `check_feature` and `tokens_per_image` are shared with ``clipfeat info``.
+
+Semantics honoured (LLaVA ``llava/model/multimodal_encoder/clip_encoder.py``):
+``hidden_states`` has L+1 entries, ``[0]`` the embeddings (after ``pre_layrnorm`` for CLIP),
+``[i]`` the output of block i, ``[-1]`` the last block *without* ``post_layernorm``.
+``patch`` drops the CLS token (CLIP) and keeps every token for SigLIP, which has none;
+``cls_patch`` keeps all tokens (CLIP only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from clipfeat.errors import ConfigError, ModelError
+from clipfeat.modelref import ModelRef, resolve_model
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+logger = logging.getLogger(__name__)
+
+FEATURES = ("patch", "cls_patch")
+
+_DTYPE_NAMES = {
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+}
+
+
+def resolve_layer(layer: Any, num_layers: int) -> int:
+    """Map a hidden-state index in ``-(L+1)..L`` to its non-negative index ``k`` in ``0..L``."""
+    lo, hi = -(num_layers + 1), num_layers
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise ConfigError(f"layer {layer!r} is not an integer; pass one in {lo}..{hi}")
+    if not lo <= layer <= hi:
+        raise ConfigError(
+            f"layer {layer} is out of range for a tower with {num_layers} blocks: valid layers "
+            f"are {lo}..{hi} (0 = embeddings, -1 = last block, -2 = LLaVA-1.5's choice)"
+        )
+    return layer if layer >= 0 else num_layers + 1 + layer
+
+
+def check_feature(feature: Any, family: str) -> str:
+    """Validate a select_feature name for a model family; return it."""
+    if feature not in FEATURES:
+        raise ConfigError(
+            f"feature {feature!r} is not supported; choose one of: {', '.join(FEATURES)}"
+        )
+    if feature == "cls_patch" and family != "clip":
+        raise ConfigError(
+            f"feature 'cls_patch' needs a CLS token, which {family} towers do not have; "
+            "use --feature patch (it keeps every token)"
+        )
+    return feature
+
+
+def tokens_per_image(ref: ModelRef, feature: str) -> int:
+    """Tokens per image the tower returns for a feature (num_patches, +1 for CLIP cls_patch)."""
+    return ref.num_patches + (1 if ref.has_cls_token and feature == "cls_patch" else 0)
+
+
+def _torch_dtype(dtype: Any) -> Any:
+    import torch
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = _DTYPE_NAMES.get(str(dtype).lower().removeprefix("torch."))
+    if name is None:
+        raise ConfigError(
+            f"dtype {dtype!r} is not supported; choose float32, float16 or bfloat16"
+        )
+    return getattr(torch, name)
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Hide transformers' load report (text weights 'unexpected') and progress bars."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _processor_class(family: str) -> Any:
+    """The PIL image processor class: *ImageProcessorPil on transformers 5, the plain one on 4.x."""
+    import transformers
+
+    base = "CLIPImageProcessor" if family == "clip" else "SiglipImageProcessor"
+    cls = getattr(transformers, base + "Pil", None)
+    return cls if cls is not None else getattr(transformers, base)
+
+
+def load_image_processor(ref: ModelRef) -> Any:
+    """The checkpoint's own PIL image processor (class defaults sized to the model if absent)."""
+    cls = _processor_class(ref.family)
+    if ref.preprocessor_config is None:
+        size = ref.image_size
+        logger.warning(
+            "model %r has no preprocessor_config.json; using %s defaults at %d px",
+            ref.name, cls.__name__, size,
+        )
+        if ref.family == "clip":
+            return cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+        return cls(size={"height": size, "width": size})
+    try:
+        with _quiet_transformers():
+            return cls.from_pretrained(str(ref.local_dir), local_files_only=True)
+    except Exception as err:  # any failure means a bad preprocessor config
+        raise ModelError(
+            f"cannot load {ref.local_dir / 'preprocessor_config.json'}: "
+            f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        ) from err
+
+
+class _TowerImpl:
+    """LLaVA-compatible CLIP/SigLIP vision tower that computes only up to the selected layer.
+
+    ``CLIPVisionTower(vision_tower, args, delay_load=False, *, device=None, dtype=None,
+    revision=None, allow_pickle=False)``: ``args`` has ``mm_vision_select_layer`` and optionally
+    ``mm_vision_select_feature`` ("patch" | "cls_patch"). ``vision_tower`` is a hub name or a
+    local checkpoint folder (full CLIP/SigLIP or vision-only). Layer and feature are checked at
+    construction; with ``delay_load`` only the configs are read.
+
+    After ``load_model()`` the encoder blocks past the selected layer are dropped, so
+    ``forward(images)`` returns exactly ``hidden_states[select_layer]`` of the full model
+    (token-selected), at the cost of the blocks it needs. ``forward`` takes a ``(B,3,H,W)``
+    tensor -> ``(B,P,D)``, or a list of ``(3,H,W)`` -> list of ``(1,P,D)``, in the input's dtype.
+    """
+
+    def __init__(
+        self,
+        vision_tower: str,
+        args: Any,
+        delay_load: bool = False,
+        *,
+        device: Any = None,
+        dtype: Any = None,
+        revision: str | None = None,
+        allow_pickle: bool = False,
+    ) -> None:
+        super().__init__()
+        self.is_loaded = False
+        self.vision_tower_name = vision_tower
+        if not hasattr(args, "mm_vision_select_layer"):
+            raise ConfigError(
+                "args has no mm_vision_select_layer; set it to the hidden layer to select "
+                "(LLaVA-1.5 uses -2)"
+            )
+        self.select_layer = args.mm_vision_select_layer
+        self.select_feature = getattr(args, "mm_vision_select_feature", "patch")
+        self._device = device
+        self._dtype = _torch_dtype(dtype)
+        self._revision = revision
+        self._allow_pickle = allow_pickle
+        self._logged_loaded = False
+        self.vision_tower = None
+        self.image_processor = None
+
+        self.model_ref = resolve_model(vision_tower, revision=revision,
+                                       need_weights=not delay_load, allow_pickle=allow_pickle)
+        self.select_layer_index = resolve_layer(self.select_layer, self.model_ref.num_hidden_layers)
+        check_feature(self.select_feature, self.model_ref.family)
+
+        if not delay_load:
+            self.load_model()
+        else:
+            _ = self.model_ref.vision_config  # parse it now: a bad config fails here
+
+    # -- loading ---------------------------------------------------------------------------
+
+    def load_model(self, device_map: Any = None) -> None:
+        """Load the image processor and the vision model, truncated after the selected layer."""
+        if self.is_loaded:
+            if not self._logged_loaded:
+                logger.info("%s is already loaded, `load_model` called again, skipping.",
+                            self.vision_tower_name)
+                self._logged_loaded = True
+            return
+
+        ref = self.model_ref
+        if ref.weights_file is None:
+            ref = resolve_model(self.vision_tower_name, revision=self._revision,
+                                need_weights=True, allow_pickle=self._allow_pickle)
+            self.model_ref = ref
+        self.image_processor = load_image_processor(ref)
+
+        if ref.family == "clip":
+            from transformers import CLIPVisionModel as model_cls
+        else:
+            from transformers import SiglipVisionModel as model_cls
+        kwargs: dict[str, Any] = {
+            "local_files_only": True,
+            "output_loading_info": True,
+            # None lets transformers prefer safetensors when both formats are present.
+            "use_safetensors": None if self._allow_pickle else True,
+        }
+        if device_map is not None:
+            kwargs["device_map"] = device_map
+        try:
+            with _quiet_transformers():
+                model, info = model_cls.from_pretrained(str(ref.local_dir), **kwargs)
+        except Exception as err:  # corrupt file, bad shapes, unreadable disk...
+            text = str(err).strip().splitlines()
+            raise ModelError(
+                f"cannot load the weights of model {ref.name!r} from {ref.weights_file}: "
+                f"{type(err).__name__}: {text[0] if text else ''}"
+            ) from err
+        missing = sorted(info.get("missing_keys") or [])
+        if missing:
+            raise ModelError(
+                f"model {ref.name!r} lacks {len(missing)} vision weight(s) in {ref.weights_file} "
+                f"(first: {missing[0]}); they would be random: pass a complete checkpoint"
+            )
+        model.requires_grad_(False)
+        model.eval()
+        # Blocks past the selected layer are never needed: drop them (memory and compute).
+        encoder = getattr(model, "vision_model", model).encoder  # 4.x nests it
+        encoder.layers = encoder.layers[: self.select_layer_index]
+        if device_map is None and (self._device is not None or self._dtype is not None):
+            model.to(device=self._device, dtype=self._dtype)
+        self.vision_tower = model
+        self.is_loaded = True
+        logger.debug("loaded %s (%s), kept %d of %d blocks", ref.name, ref.model_type,
+                     self.select_layer_index, ref.num_hidden_layers)
+
+    # -- forward -----------------------------------------------------------------------------
+
+    def _select_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.select_feature == "patch" and self.model_ref.has_cls_token:
+            return hidden[:, 1:]
+        return hidden
+
+    def feature_select(self, image_forward_outs: Any) -> torch.Tensor:
+        """Pick ``hidden_states[select_layer]`` and the tokens of the selected feature."""
+        hidden = image_forward_outs.hidden_states[self.select_layer_index]
+        return self._select_tokens(hidden)
+
+    def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B,3,H,W) pixels already on the tower's device/dtype -> (B, tokens, hidden)."""
+        import torch
+
+        self._require_loaded()
+        inner = self._inner
+        with torch.no_grad():
+            hidden = inner.embeddings(pixel_values)
+            pre = getattr(inner, "pre_layrnorm", None)  # CLIP only
+            if pre is not None:
+                hidden = pre(hidden)
+            if self.select_layer_index > 0:
+                hidden = inner.encoder(inputs_embeds=hidden)[0]
+            return self._select_tokens(hidden)
+
+    def forward(self, images: Any) -> Any:
+        """A (B,3,H,W) tensor -> (B,P,D); a list of (3,H,W) -> list of (1,P,D); input dtype kept."""
+        self._require_loaded()
+        if isinstance(images, (list, tuple)):
+            return [self._forward_batch(image.unsqueeze(0)) for image in images]
+        return self._forward_batch(images)
+
+    def _forward_batch(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.forward_features(images.to(device=self.device, dtype=self.dtype))
+        return features.to(images.dtype)
+
+    def _require_loaded(self) -> None:
+        if not self.is_loaded:
+            raise RuntimeError(
+                f"vision tower {self.vision_tower_name!r} is not loaded; call load_model() first"
+            )
+
+    # -- properties (LLaVA names) ------------------------------------------------------------
+
+    @property
+    def dummy_feature(self) -> torch.Tensor:
+        import torch
+
+        return torch.zeros(1, self.hidden_size, device=self.device, dtype=self.dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        if self.is_loaded:
+            return self.vision_tower.dtype
+        import torch
+
+        return self._dtype if self._dtype is not None else torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        if self.is_loaded:
+            return self.vision_tower.device
+        import torch
+
+        return torch.device(self._device) if self._device is not None else torch.device("cpu")
+
+    @property
+    def config(self) -> Any:
+        return self.vision_tower.config if self.is_loaded else self.cfg_only
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model_ref.hidden_size
+
+    @property
+    def num_patches_per_side(self) -> int:
+        return self.model_ref.image_size // self.model_ref.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.model_ref.num_patches
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens per image actually returned for the selected feature."""
+        return tokens_per_image(self.model_ref, self.select_feature)
+
+    @property
+    def num_layers(self) -> int:
+        return self.model_ref.num_hidden_layers
+
+    @property
+    def family(self) -> str:
+        return self.model_ref.family
+
+    @property
+    def has_cls_token(self) -> bool:
+        return self.model_ref.has_cls_token
+
+    @property
+    def cfg_only(self) -> Any:
+        """The vision config read without weights (LLaVA's name)."""
+        return self.model_ref.vision_config
+
+    @property
+    def _inner(self) -> Any:
+        # transformers 5 puts embeddings/encoder on the model; 4.x nests them in .vision_model
+        return getattr(self.vision_tower, "vision_model", self.vision_tower)
+
+
+def _build_tower_class() -> type:
+    from torch import nn
+
+    return type(
+        "CLIPVisionTower",
+        (_TowerImpl, nn.Module),
+        {"__module__": __name__, "__doc__": _TowerImpl.__doc__, "__qualname__": "CLIPVisionTower"},
+    )
+
+
+def build_vision_tower(vision_tower_cfg: Any, **kwargs: Any) -> Any:
+    """LLaVA's builder: a `CLIPVisionTower` for ``mm_vision_tower`` (or ``vision_tower``)."""
+    name = getattr(vision_tower_cfg, "mm_vision_tower",
+                   getattr(vision_tower_cfg, "vision_tower", None))
+    if not isinstance(name, str) or not name:
+        raise ConfigError(
+            f"unknown vision tower {name!r}: set mm_vision_tower to a CLIP/SigLIP hub name or "
+            "checkpoint folder"
+        )
+    return _tower_class()(name, args=vision_tower_cfg, **kwargs)
+
+
+_LAZY: dict[str, type] = {}
+
+
+def _tower_class() -> type:
+    if "CLIPVisionTower" not in _LAZY:
+        _LAZY["CLIPVisionTower"] = _build_tower_class()
+        globals()["CLIPVisionTower"] = _LAZY["CLIPVisionTower"]
+    return _LAZY["CLIPVisionTower"]
+
+
+def __getattr__(name: str) -> Any:
+    # Built on first access so that importing this module does not import torch.
+    if name == "CLIPVisionTower":
+        return _tower_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,241 @@
+"""clipfeat info: describe_model / format_model, store detection, and the CLI command."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import types
+
+import pytest
+from typer.testing import CliRunner
+
+from clipfeat import info
+from clipfeat.cli import app
+from clipfeat.errors import ConfigError, ModelError
+
+VITL_PATCH_BYTES = 576 * 1024 * 2
+
+
+def _processor(path):
+    try:
+        from transformers import CLIPImageProcessorPil as Proc
+    except ImportError:
+        from transformers import CLIPImageProcessor as Proc
+    return Proc.from_pretrained(path)
+
+
+def test_describe_vitl336(config_only_vitl336):
+    d = info.describe_model(str(config_only_vitl336))
+    assert d["model_type"] == "clip" and d["family"] == "clip"
+    assert d["hidden_size"] == 1024
+    assert d["num_hidden_layers"] == 24
+    assert d["image_size"] == 336 and d["patch_size"] == 14
+    assert d["num_patches"] == 576
+    assert d["has_cls_token"] is True
+    assert d["layer"] == -2 and d["layer_index"] == 23
+    assert d["layer_range"] == [-25, 24]
+    assert d["feature"] == "patch"
+    assert d["tokens_per_image"] == 576
+    assert d["feature_shape"] == [576, 1024]
+    assert d["bytes_per_image"] == VITL_PATCH_BYTES
+    assert d["weights"] is None
+    assert "images" not in d and "total_bytes" not in d
+    json.dumps(d)  # serialisable as is
+
+
+def test_preprocessing_matches_hf_processor(config_only_vitl336):
+    proc = _processor(config_only_vitl336)
+    pp = info.describe_model(str(config_only_vitl336))["preprocessing"]
+    assert pp["resize"] == dict(proc.size) == {"shortest_edge": 336}
+    assert pp["crop"] == dict(proc.crop_size) == {"height": 336, "width": 336}
+    assert pp["resample"] == "bicubic" and int(proc.resample) == 3
+    assert pp["rescale_factor"] == pytest.approx(proc.rescale_factor)
+    assert pp["mean"] == pytest.approx(list(proc.image_mean))
+    assert pp["std"] == pytest.approx(list(proc.image_std))
+
+
+def test_cls_patch_and_layers(config_only_vitl336):
+    d = info.describe_model(str(config_only_vitl336), layer=0, feature="cls_patch")
+    assert d["tokens_per_image"] == 577
+    assert d["bytes_per_image"] == 577 * 1024 * 2
+    assert d["layer_index"] == 0
+    assert info.describe_model(str(config_only_vitl336), layer=-25)["layer_index"] == 0
+    assert info.describe_model(str(config_only_vitl336), layer=-1)["layer_index"] == 24
+    assert info.describe_model(str(config_only_vitl336), layer=24)["layer_index"] == 24
+
+
+def test_siglip(siglip_dir):
+    d = info.describe_model(str(siglip_dir))
+    assert d["family"] == "siglip" and d["has_cls_token"] is False
+    assert d["tokens_per_image"] == d["num_patches"] == 16
+    assert d["preprocessing"]["resize"] == {"height": 28, "width": 28}
+    assert d["preprocessing"]["crop"] is None
+    assert d["preprocessing"]["mean"] == [0.5, 0.5, 0.5]
+    assert d["weights"] == "model.safetensors"
+    with pytest.raises(ConfigError, match="cls_patch"):
+        info.describe_model(str(siglip_dir), feature="cls_patch")
+
+
+def test_images_total(config_only_vitl336):
+    d = info.describe_model(str(config_only_vitl336), images=1000)
+    assert d["images"] == 1000
+    assert d["total_bytes"] == 1000 * VITL_PATCH_BYTES
+    assert d["total_human"] == "1.10 GiB"
+
+
+@pytest.mark.parametrize("n, text", [
+    (0, "0 B"), (1023, "1023 B"), (1024, "1.00 KiB"), (VITL_PATCH_BYTES, "1.12 MiB"),
+    (int(1.21 * 1024**4), "1.21 TiB"),
+])
+def test_human_bytes(n, text):
+    assert info.human_bytes(n) == text
+
+
+@pytest.mark.parametrize("layer", [25, -26])
+def test_bad_layer(config_only_vitl336, layer):
+    with pytest.raises(ConfigError, match=str(layer)):
+        info.describe_model(str(config_only_vitl336), layer=layer)
+
+
+def test_bad_feature(config_only_vitl336):
+    with pytest.raises(ConfigError, match="'cls'"):
+        info.describe_model(str(config_only_vitl336), feature="cls")
+
+
+def test_missing_preprocessor_config_reports_defaults(tmp_path, clip_vision_dir):
+    shutil.copy(clip_vision_dir / "config.json", tmp_path / "config.json")
+    d = info.describe_model(str(tmp_path))
+    pp = d["preprocessing"]
+    assert pp["source"].startswith("defaults")
+    assert pp["resize"] == {"shortest_edge": 30}
+    assert pp["crop"] == {"height": 30, "width": 30}
+    assert any("preprocessor_config.json" in w for w in d["warnings"])
+
+
+def test_old_int_sizes_and_mismatch_warning(tmp_path, clip_vision_dir):
+    shutil.copy(clip_vision_dir / "config.json", tmp_path / "config.json")
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
+        {"size": 224, "crop_size": 224, "do_center_crop": True, "resample": 3}))
+    d = info.describe_model(str(tmp_path))
+    assert d["preprocessing"]["resize"] == {"shortest_edge": 224}
+    assert d["preprocessing"]["crop"] == {"height": 224, "width": 224}
+    assert any("224x224" in w and "30x30" in w for w in d["warnings"])
+
+
+def test_format_model_table(config_only_vitl336):
+    d = info.describe_model(str(config_only_vitl336), images=1000)
+    text = info.format_model(d)
+    lines = text.splitlines()
+    assert len(lines) > 10
+    assert "576 x 1024" in text and "-25..24" in text and "1.10 GiB" in text
+    assert "bicubic" in text and "336x336" in text
+    # aligned: every value starts in the same column
+    starts = {len(line) - len(line[line.index("  "):].lstrip()) for line in lines}
+    assert len(starts) == 1
+
+
+def test_describe_model_needs_neither_torch_nor_transformers(config_only_vitl336):
+    code = (
+        "import sys; from clipfeat.info import describe_model; "
+        f"d = describe_model({str(config_only_vitl336)!r}); "
+        "print(d['tokens_per_image'], 'torch' in sys.modules, 'transformers' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.split() == ["576", "False", "False"]
+
+
+def test_is_store(tmp_path, config_only_vitl336):
+    manifest_dir = tmp_path / "a"
+    manifest_dir.mkdir()
+    (manifest_dir / "manifest.json").write_text("{}")
+    shard_dir = tmp_path / "b"
+    shard_dir.mkdir()
+    (shard_dir / "shard-000000.h5").write_bytes(b"")
+    assert info.is_store(str(manifest_dir))
+    assert info.is_store(str(shard_dir))
+    assert not info.is_store(str(config_only_vitl336))
+    assert not info.is_store(str(tmp_path / "missing"))
+    assert not info.is_store("openai/clip-vit-large-patch14-336")
+
+
+def test_describe_store_delegates(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_describe_store(out_dir):
+        calls.append(out_dir)
+        return {"shards": 2, "images": 10, "config": {"layer": -2, "feature": "patch"}}
+
+    fake = types.ModuleType("clipfeat.store")
+    fake.describe_store = fake_describe_store
+    monkeypatch.setitem(sys.modules, "clipfeat.store", fake)
+    d = info.describe_store(str(tmp_path))
+    assert calls == [tmp_path] and d["images"] == 10
+    # without a store formatter: a flat table of the summary
+    text = info.format_store(d)
+    assert "config.layer" in text and "-2" in text and "shards" in text
+    # with one: its text
+    fake.format_store = lambda summary: f"store of {summary['images']} images"
+    assert info.format_store(d) == "store of 10 images"
+
+
+# -- CLI ---------------------------------------------------------------------------------
+
+runner = CliRunner()
+
+
+def test_cli_info_json(config_only_vitl336):
+    result = runner.invoke(app, ["info", str(config_only_vitl336), "--json"])
+    assert result.exit_code == 0, result.output
+    d = json.loads(result.stdout)
+    assert (d["hidden_size"], d["num_hidden_layers"], d["num_patches"]) == (1024, 24, 576)
+    assert d["tokens_per_image"] == 576
+    assert d["bytes_per_image"] == VITL_PATCH_BYTES
+
+
+def test_cli_info_cls_patch(config_only_vitl336):
+    result = runner.invoke(app, ["info", str(config_only_vitl336), "--json",
+                                 "--feature", "cls_patch"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["tokens_per_image"] == 577
+
+
+def test_cli_info_images(config_only_vitl336):
+    result = runner.invoke(app, ["info", str(config_only_vitl336), "--images", "1000", "--json"])
+    assert result.exit_code == 0, result.output
+    d = json.loads(result.stdout)
+    assert d["total_bytes"] == 1000 * VITL_PATCH_BYTES
+    text = runner.invoke(app, ["info", str(config_only_vitl336), "--images", "1000"])
+    assert text.exit_code == 0 and "1.10 GiB" in text.stdout and "576 x 1024" in text.stdout
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--layer", "25"], "layer 25"),
+    (["--layer", "-26"], "layer -26"),
+    (["--feature", "cls"], "feature 'cls'"),
+])
+def test_cli_info_bad_choice_exits_2(config_only_vitl336, args, needle):
+    result = runner.invoke(app, ["info", str(config_only_vitl336), *args])
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("clipfeat: error:") and needle in err[0]
+
+
+@pytest.mark.parametrize("target, needle", [
+    ("clipfeat-test/no-such-model", "--model"),
+    ("./no/such/folder", "no such model folder"),
+])
+def test_cli_info_unknown_model_exits_2(target, needle):
+    result = runner.invoke(app, ["info", target])
+    assert result.exit_code == 2
+    assert isinstance(result.exception, SystemExit)
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 1 and needle in err[0]
+
+
+def test_model_error_types():
+    with pytest.raises(ModelError):
+        info.describe_model("./no/such/folder")
