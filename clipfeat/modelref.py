@@ -4,6 +4,17 @@ A name that is an existing folder is used as is; anything else is a Hugging Face
 fetched (or found in the cache) with ``huggingface_hub.snapshot_download``. Only the files
 clipfeat needs are fetched: the two JSON configs and, when asked, the weights.
 
+Weights are always taken as safetensors when they exist. Some official repos (notably
+``openai/clip-vit-large-patch14-336``) publish only ``pytorch_model.bin`` on ``main``; for those,
+as transformers' ``from_pretrained(use_safetensors=True)`` does, the open pull request
+"Adding `safetensors` variant of this model" by the Hugging Face bot ``SFconvertbot`` is used
+(never a PR by anyone else), and only if it converts exactly the pickle weights and carries
+exactly the configs of the requested revision (same git blobs). That PR is a commit on top of
+``main`` that only adds the safetensors files, so its snapshot folder holds config.json,
+preprocessor_config.json and the weights together: it becomes ``ModelRef.local_dir`` and
+``ModelRef.weights_revision`` says where the weights came from. Nothing is ever converted and
+no PR is ever opened.
+
 The geometry a run needs (hidden size, layers, image and patch size) is read from
 ``config.json`` directly, so ``clipfeat info`` never imports torch or transformers; the
 transformers config object is built on first use of ``ModelRef.vision_config``.
@@ -11,6 +22,7 @@ transformers config object is built on first use of ``ModelRef.vision_config``.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import os
@@ -43,6 +55,10 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_FILE = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 
+#: The Hugging Face bot whose safetensors conversion PRs are trusted, and its PR title.
+SFCONVERT_BOT = "SFconvertbot"
+SFCONVERT_TITLE = "Adding `safetensors` variant of this model"
+
 _CONFIG_PATTERNS = ["config.json", "preprocessor_config.json"]
 # Exact names, not "*.safetensors": some repos (laion/*) also ship open_clip weights.
 _SAFETENSORS_PATTERNS = [SAFETENSORS_FILE, SAFETENSORS_INDEX, "model-*-of-*.safetensors"]
@@ -62,6 +78,9 @@ class ModelRef:
     weights_file: Path | None
     vision_dict: dict = field(compare=False, repr=False)
     """The raw vision part of config.json (the nested ``vision_config`` of a full model)."""
+    weights_revision: str | None = None
+    """Where the weights came from when not from ``revision``: ``"refs/pr/N@<commit>"`` for
+    the SFconvertbot safetensors conversion of a pickle-only hub repo; None otherwise."""
 
     @property
     def hidden_size(self) -> int:
@@ -127,7 +146,8 @@ def resolve_model(
     """Resolve a hub name or local folder to a `ModelRef`; raise ModelError if unusable.
 
     With ``need_weights`` the weights must be present (and are downloaded for a hub name);
-    pickle weights (``pytorch_model.bin``) are accepted only with ``allow_pickle``.
+    pickle weights (``pytorch_model.bin``) are accepted only with ``allow_pickle``, and even
+    then a hub repo's SFconvertbot safetensors conversion is preferred (see the module doc).
     """
     if not isinstance(name, str) or not name.strip():
         raise ModelError(f"model name {name!r} is empty; pass a hub name or a local folder")
@@ -136,7 +156,7 @@ def resolve_model(
         if not path.is_dir():
             raise ModelError(f"model {name!r} is a file, not a folder; pass the checkpoint folder")
         local_dir = path.resolve()
-        resolved_revision = None
+        resolved_revision = weights_revision = None
         if revision is not None:
             logger.warning("revision %r ignored: model %r is a local folder", revision, name)
         from_hub = False
@@ -146,9 +166,8 @@ def resolve_model(
             "like openai/clip-vit-large-patch14-336"
         )
     else:
-        local_dir = _snapshot(name, revision=revision, need_weights=need_weights,
-                              allow_pickle=allow_pickle)
-        resolved_revision = local_dir.name if local_dir.parent.name == "snapshots" else None
+        local_dir, resolved_revision, weights_revision = _hub_files(
+            name, revision=revision, need_weights=need_weights, allow_pickle=allow_pickle)
         from_hub = True
 
     raw = _read_json(local_dir / "config.json", name=name, required=True)
@@ -169,6 +188,7 @@ def resolve_model(
         preprocessor_config=preprocessor,
         weights_file=weights,
         vision_dict=vision_dict,
+        weights_revision=weights_revision,
     )
     # Read the geometry now so a malformed config fails here, not half-way through a run.
     for key in ("hidden_size", "num_hidden_layers", "image_size", "patch_size"):
@@ -257,9 +277,10 @@ def _find_weights(local_dir: Path, *, name: str, need_weights: bool, allow_pickl
         )
     if from_hub:
         raise ModelError(
-            f"model {name!r} has no safetensors weights in {local_dir} (the hub repo has none, "
-            f"or the cache holds only its configs); download them (huggingface-cli download "
-            f"{name}) or pass --allow-pickle if it ships only pytorch_model.bin and you trust it"
+            f"model {name!r} has no safetensors weights in {local_dir} (the hub repo has none "
+            f"and no open safetensors conversion PR by {SFCONVERT_BOT} matches it, or the cache "
+            f"holds only its configs); download them (hf download {name}) or pass "
+            "--allow-pickle if it ships only pytorch_model.bin and you trust it"
         )
     raise ModelError(
         f"model folder {str(local_dir)!r} has no weights ({SAFETENSORS_FILE} or "
@@ -280,8 +301,135 @@ def _check_shards(index: Path, *, name: str) -> None:
         )
 
 
-def _snapshot(name: str, *, revision: str | None, need_weights: bool,
-              allow_pickle: bool) -> Path:
+def _hub_files(name: str, *, revision: str | None, need_weights: bool,
+               allow_pickle: bool) -> tuple[Path, str | None, str | None]:
+    """(folder with the configs and weights, commit of ``revision``, weights_revision or None)."""
+    patterns = list(_CONFIG_PATTERNS) + (_SAFETENSORS_PATTERNS if need_weights else [])
+    local_dir = _snapshot(name, revision=revision, patterns=patterns)
+    commit = local_dir.name if local_dir.parent.name == "snapshots" else None
+    if not need_weights or _has_safetensors(local_dir):
+        return local_dir, commit, None
+    if revision in (None, "main"):  # the bot's PRs are made on top of main
+        found = _conversion_pr(name, local_dir, main_revision=commit or "main")
+        if found is not None:
+            return found[0], commit, found[1]
+    if allow_pickle:  # only now: never download pickle weights the PR makes unnecessary
+        local_dir = _snapshot(name, revision=commit or revision,
+                              patterns=patterns + _PICKLE_PATTERNS)
+    return local_dir, commit, None
+
+
+def _has_safetensors(folder: Path) -> bool:
+    return (folder / SAFETENSORS_FILE).is_file() or (folder / SAFETENSORS_INDEX).is_file()
+
+
+def _is_pickle_weights(filename: str) -> bool:
+    return any(fnmatch.fnmatchcase(filename, p) for p in _PICKLE_PATTERNS)
+
+
+def _conversion_pr(name: str, main_dir: Path, *, main_revision: str) -> tuple[Path, str] | None:
+    """The SFconvertbot safetensors PR of a pickle-only repo: (its snapshot, "refs/pr/N@sha").
+
+    Online it is looked up on the hub and downloaded (safetensors and configs only); offline,
+    or when the hub cannot be reached, a PR snapshot downloaded before is taken from the cache.
+    """
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            return _download_conversion_pr(name, main_revision)
+        except Exception as err:  # hub unreachable, rate-limited, ...: try the cache
+            logger.warning("cannot look up the safetensors conversion PR of model %r on the "
+                           "hub (%s); looking in the local cache", name, _first_line(err))
+    return _cached_conversion_pr(name, main_dir)
+
+
+def _blob_ids(info: Any) -> dict[str, str | None]:
+    return {s.rfilename: s.blob_id for s in (getattr(info, "siblings", None) or [])}
+
+
+def _download_conversion_pr(name: str, main_revision: str) -> tuple[Path, str] | None:
+    from huggingface_hub import HfApi, snapshot_download
+
+    api = HfApi()
+    main_files = _blob_ids(api.model_info(name, revision=main_revision, files_metadata=True))
+    if not any(_is_pickle_weights(f) for f in main_files):
+        return None  # nothing the bot could have converted
+    # The hub filters too, but every condition is checked here: only the bot is trusted.
+    prs = api.get_repo_discussions(name, author=SFCONVERT_BOT, discussion_type="pull_request",
+                                   discussion_status="open")
+    for pr in prs:
+        if not (pr.is_pull_request and pr.status == "open" and pr.author == SFCONVERT_BOT
+                and pr.title == SFCONVERT_TITLE):
+            continue
+        ref = f"refs/pr/{pr.num}"
+        info = api.model_info(name, revision=ref, files_metadata=True)
+        pr_files = _blob_ids(info)
+        # Same pickle weights and same configs as main, i.e. a conversion of this revision.
+        keys = {f for f in (*main_files, *pr_files)
+                if _is_pickle_weights(f) or f in _CONFIG_PATTERNS}
+        differ = sorted(f for f in keys if main_files.get(f) != pr_files.get(f))
+        if differ or not (SAFETENSORS_FILE in pr_files or SAFETENSORS_INDEX in pr_files):
+            logger.info("model %r: ignoring %s (%s)", name, ref,
+                        f"{differ[0]} differs from main" if differ else "no safetensors weights")
+            continue
+        # By ref name (not commit) so that the cache records refs/pr/N for offline use.
+        folder = Path(snapshot_download(name, revision=ref,
+                                        allow_patterns=_CONFIG_PATTERNS + _SAFETENSORS_PATTERNS))
+        if info.sha and folder.name != info.sha:
+            logger.warning("model %r: %s moved while it was downloaded; ignoring it", name, ref)
+            continue
+        logger.info("model %r has only pickle weights on main; using the safetensors "
+                    "conversion in %s by %s", name, ref, SFCONVERT_BOT)
+        return folder, f"{ref}@{folder.name}"
+    return None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if not a.is_file() or not b.is_file():
+        return a.is_file() == b.is_file()
+    return a.read_bytes() == b.read_bytes()
+
+
+def _cached_conversion_pr(name: str, main_dir: Path) -> tuple[Path, str] | None:
+    """A ``refs/pr/N`` snapshot in the HF cache with safetensors and main's very configs.
+
+    huggingface_hub records a downloaded revision ``refs/pr/N`` in ``<repo>/refs/refs/pr/N``.
+    Its author cannot be checked offline; the cache is the user's own and safetensors cannot
+    run code, and with several candidates the user must choose (``--revision refs/pr/N``).
+    """
+    if main_dir.parent.name != "snapshots":
+        return None
+    repo = main_dir.parent.parent
+    found = []
+    for ref_file in (repo / "refs" / "refs" / "pr").glob("*"):
+        if not ref_file.name.isdigit() or not ref_file.is_file():
+            continue
+        try:
+            commit = ref_file.read_text(encoding="utf-8").strip()
+        except OSError:
+            continue
+        folder = repo / "snapshots" / commit
+        if (commit and folder != main_dir and _has_safetensors(folder)
+                and all(_same_file(main_dir / f, folder / f) for f in _CONFIG_PATTERNS)):
+            found.append((int(ref_file.name), folder))
+    if not found:
+        return None
+    found.sort()
+    if len(found) > 1:
+        refs = ", ".join(f"refs/pr/{num}" for num, _ in found)
+        raise ModelError(
+            f"model {name!r} has only pickle weights on main and the cache holds several "
+            f"safetensors pull requests ({refs}); pass --revision with the one to use, or go "
+            f"online so that {SFCONVERT_BOT}'s is picked"
+        )
+    num, folder = found[0]
+    logger.info("model %r: using the cached safetensors weights of refs/pr/%d (%s)", name,
+                num, folder)
+    return folder, f"refs/pr/{num}@{folder.name}"
+
+
+def _snapshot(name: str, *, revision: str | None, patterns: list[str]) -> Path:
     """Fetch (or find in the HF cache) the files of a hub repo; ModelError on any failure."""
     try:
         from huggingface_hub import snapshot_download
@@ -296,9 +444,6 @@ def _snapshot(name: str, *, revision: str | None, need_weights: bool,
         raise ModelError(f"model {name!r} is not a local folder and huggingface_hub "
                          f"is not installed ({err})") from err
 
-    patterns = list(_CONFIG_PATTERNS)
-    if need_weights:
-        patterns += _SAFETENSORS_PATTERNS + (_PICKLE_PATTERNS if allow_pickle else [])
     at = f" at revision {revision!r}" if revision else ""
     hint = "or pass --model /path/to/local/checkpoint"
     try:
@@ -311,20 +456,20 @@ def _snapshot(name: str, *, revision: str | None, need_weights: bool,
     except GatedRepoError as err:
         raise ModelError(
             f"model {name!r} is gated on the hub: accept its license and log in "
-            f"(huggingface-cli login), {hint}"
+            f"(hf auth login), {hint}"
         ) from err
     except RevisionNotFoundError as err:
         raise ModelError(f"model {name!r} has no revision {revision!r} on the hub") from err
     except RepositoryNotFoundError as err:
         raise ModelError(
             f"model {name!r} was not found on the Hugging Face hub (or it is private: "
-            f"huggingface-cli login); {hint}"
+            f"hf auth login); {hint}"
         ) from err
     except LocalEntryNotFoundError as err:
         raise ModelError(
             f"model {name!r}{at} is not in the local Hugging Face cache and the hub cannot be "
             "reached (HF_HUB_OFFLINE=1 or no network); download it on a connected machine "
-            f"(huggingface-cli download {name}) {hint}"
+            f"(hf download {name}) {hint}"
         ) from err
     except Exception as err:  # network/disk errors of any kind
         raise ModelError(f"cannot fetch model {name!r}{at} from the hub: {_first_line(err)}; "

@@ -207,3 +207,309 @@ def test_defaults_when_config_omits_fields(tmp_path, raw, config_cls):
     expected = getattr(transformers, config_cls).from_pretrained(tmp_path)
     for key in ("hidden_size", "num_hidden_layers", "image_size", "patch_size"):
         assert getattr(ref, key) == getattr(expected, key), key
+
+
+# -- pickle-only hub repos: the SFconvertbot safetensors conversion PR ------------------------
+
+REPO = "acme/pickle-clip"
+MAIN_SHA = "a" * 40
+PR_SHA = "b" * 40
+PR_TITLE = "Adding `safetensors` variant of this model"
+
+
+class FakeHub:
+    """A hub repo with revisions (ref -> commit, files) and discussions, no network.
+
+    ``snapshot_download`` writes into the HF cache as huggingface_hub does (blobs aside):
+    ``snapshots/<commit>/<file>`` and ``refs/<revision>`` (so ``refs/refs/pr/N`` for a PR);
+    offline it defers to the real function, so the offline tests read what huggingface_hub
+    itself would find.
+    """
+
+    def __init__(self, monkeypatch, cache: Path):
+        import huggingface_hub
+        from huggingface_hub import HfApi, constants
+
+        self.cache = cache
+        self.revisions: dict[str, tuple[str, dict[str, bytes]]] = {}
+        self.discussions: list = []
+        self.downloads: list[tuple[str | None, list[str]]] = []
+        self.api_calls: list[str] = []
+        self.real_snapshot_download = huggingface_hub.snapshot_download
+        self.lookup_error: Exception | None = None
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(huggingface_hub, "snapshot_download", self.snapshot_download)
+        real_model_info = HfApi.model_info
+
+        def model_info(api, *args, **kwargs):
+            # Offline, the real snapshot_download asks the real one (which then fails).
+            if constants.HF_HUB_OFFLINE:
+                if kwargs.get("files_metadata"):  # not the real snapshot_download's call
+                    self.api_calls.append("model_info while offline")
+                return real_model_info(api, *args, **kwargs)
+            return self.model_info(*args, **kwargs)
+
+        monkeypatch.setattr(HfApi, "model_info", model_info)
+        monkeypatch.setattr(HfApi, "get_repo_discussions",
+                            lambda _api, *args, **kw: self.get_repo_discussions(*args, **kw))
+
+    @property
+    def repo_dir(self) -> Path:
+        return self.cache / ("models--" + REPO.replace("/", "--"))
+
+    def add(self, ref: str, commit: str, files: dict[str, bytes]) -> None:
+        self.revisions[ref] = (commit, files)
+
+    def add_pr(self, num: int, *, author: str = "SFconvertbot", title: str = PR_TITLE,
+               status: str = "open", is_pull_request: bool = True) -> None:
+        from datetime import datetime, timezone
+
+        from huggingface_hub.community import Discussion
+
+        self.discussions.append(Discussion(
+            title=title, status=status, num=num, repo_id=REPO, repo_type="model",
+            author=author, is_pull_request=is_pull_request,
+            created_at=datetime.now(timezone.utc), endpoint="https://huggingface.co"))
+
+    def _resolve(self, revision: str | None) -> tuple[str, dict[str, bytes]]:
+        from huggingface_hub.utils import RevisionNotFoundError
+
+        revision = revision or "main"
+        for ref, (commit, files) in self.revisions.items():
+            if revision in (ref, commit):
+                return commit, files
+        raise RevisionNotFoundError(f"no revision {revision}", response=None)
+
+    def snapshot_download(self, repo_id, *, revision=None, allow_patterns=None, **kwargs):
+        import fnmatch
+
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            return self.real_snapshot_download(repo_id, revision=revision,
+                                               allow_patterns=allow_patterns, **kwargs)
+        assert repo_id == REPO
+        self.downloads.append((revision, list(allow_patterns)))
+        commit, files = self._resolve(revision)
+        folder = self.repo_dir / "snapshots" / commit
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            if any(fnmatch.fnmatchcase(name, p) for p in allow_patterns):
+                (folder / name).write_bytes(data)
+        ref = revision or "main"
+        if ref != commit:
+            (self.repo_dir / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
+            (self.repo_dir / "refs" / ref).write_text(commit)
+        return str(folder)
+
+    def model_info(self, repo_id, *, revision=None, files_metadata=False, **kwargs):
+        import hashlib
+        from types import SimpleNamespace
+
+        from huggingface_hub.hf_api import RepoSibling
+
+        self.api_calls.append(f"model_info {revision}")
+        if self.lookup_error is not None:
+            raise self.lookup_error
+        assert repo_id == REPO and files_metadata
+        commit, files = self._resolve(revision)
+        siblings = [RepoSibling(rfilename=name, size=len(data),
+                                blob_id=hashlib.sha1(data).hexdigest())
+                    for name, data in files.items()]
+        return SimpleNamespace(sha=commit, siblings=siblings)
+
+    def get_repo_discussions(self, repo_id, **filters):
+        self.api_calls.append(f"discussions {filters}")
+        assert repo_id == REPO
+        return iter(self.discussions)  # the server-side filters are ignored on purpose
+
+
+@pytest.fixture
+def pickle_repo(monkeypatch, tmp_path, clip_vision_dir):
+    """main: configs + pytorch_model.bin only; refs/pr/3: the same + model.safetensors."""
+    hub = FakeHub(monkeypatch, tmp_path / "hub")
+    main = {name: (clip_vision_dir / name).read_bytes()
+            for name in ("config.json", "preprocessor_config.json")}
+    main["pytorch_model.bin"] = b"pickle weights"
+    main["README.md"] = b"readme"
+    hub.add("main", MAIN_SHA, main)
+    weights = (clip_vision_dir / "model.safetensors").read_bytes()
+    hub.add("refs/pr/3", PR_SHA, dict(main, **{"model.safetensors": weights}))
+    return hub
+
+
+def _pickle_downloaded(hub: FakeHub) -> bool:
+    return any(p.name.endswith(".bin") for p in hub.repo_dir.rglob("*"))
+
+
+@pytest.mark.parametrize("allow_pickle", [False, True])
+def test_pickle_only_repo_uses_bot_conversion_pr(pickle_repo, clip_vision_dir, allow_pickle):
+    """As transformers' use_safetensors=True: main's configs, weights from SFconvertbot's PR."""
+    hub = pickle_repo
+    hub.add_pr(1, title="Update README.md")                 # not the bot's title
+    hub.add_pr(2, status="closed")                          # closed
+    hub.add_pr(3)
+
+    ref = resolve_model(REPO, need_weights=True, allow_pickle=allow_pickle)
+
+    pr_dir = (hub.repo_dir / "snapshots" / PR_SHA).resolve()
+    assert ref.local_dir.resolve() == pr_dir
+    assert ref.weights_file.resolve() == pr_dir / "model.safetensors"
+    assert ref.revision == MAIN_SHA
+    assert ref.weights_revision == f"refs/pr/3@{PR_SHA}"
+    assert (hub.repo_dir / "refs" / "refs" / "pr" / "3").read_text() == PR_SHA
+    # Prefer safetensors even when pickle is allowed: the pickle is never downloaded.
+    assert not _pickle_downloaded(hub)
+    assert all(not any(p.endswith(".bin") for p in pats) for _, pats in hub.downloads)
+    assert ref.model_type == "clip_vision_model" and ref.hidden_size == 32
+
+
+def test_conversion_pr_folder_loads_in_transformers(pickle_repo, clip_vision_dir):
+    """local_dir holds config + weights, as tower.load_model's from_pretrained needs."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import CLIPVisionModel
+
+    pickle_repo.add_pr(3)
+    ref = resolve_model(REPO, need_weights=True)
+    model = CLIPVisionModel.from_pretrained(str(ref.local_dir), local_files_only=True,
+                                            use_safetensors=True)
+    expected = load_file(clip_vision_dir / "model.safetensors")
+    state = model.state_dict()
+    key = next(k for k in expected if k.endswith("patch_embedding.weight"))
+    assert torch.equal(state[key], expected[key])
+
+
+@pytest.mark.parametrize("author", ["mallory", "sfconvertbot", "SFconvertbot2"])
+def test_conversion_pr_by_someone_else_is_ignored(pickle_repo, author):
+    pickle_repo.add_pr(3, author=author)
+    with pytest.raises(ModelError, match="--allow-pickle") as err:
+        resolve_model(REPO, need_weights=True)
+    assert "\n" not in str(err.value)
+    assert not (pickle_repo.repo_dir / "snapshots" / PR_SHA).exists()  # never downloaded
+
+    ref = resolve_model(REPO, need_weights=True, allow_pickle=True)
+    assert ref.weights_file.name == "pytorch_model.bin"
+    assert ref.local_dir.name == MAIN_SHA and ref.weights_revision is None
+
+
+def test_no_conversion_pr(pickle_repo):
+    with pytest.raises(ModelError, match="--allow-pickle"):
+        resolve_model(REPO, need_weights=True)
+    assert any(c.startswith("discussions") for c in pickle_repo.api_calls)
+    assert not _pickle_downloaded(pickle_repo)
+
+
+@pytest.mark.parametrize("changed", ["pytorch_model.bin", "config.json"])
+def test_bot_pr_of_other_weights_or_configs_is_ignored(pickle_repo, changed):
+    """Main changed after the conversion: the PR no longer holds main's model."""
+    commit, files = pickle_repo.revisions["refs/pr/3"]
+    pickle_repo.add("refs/pr/3", commit, dict(files, **{changed: files[changed] + b" "}))
+    pickle_repo.add_pr(3)
+    with pytest.raises(ModelError, match="--allow-pickle"):
+        resolve_model(REPO, need_weights=True)
+    assert not (pickle_repo.repo_dir / "snapshots" / PR_SHA).exists()
+
+
+def test_no_lookup_when_main_has_safetensors_or_for_other_revisions(pickle_repo, clip_vision_dir):
+    pickle_repo.add_pr(3)
+    pickle_repo.add("v1.0", "c" * 40, pickle_repo.revisions["main"][1])
+    with pytest.raises(ModelError, match="--allow-pickle"):
+        resolve_model(REPO, revision="v1.0", need_weights=True)
+    assert pickle_repo.api_calls == []
+
+    safe = dict(pickle_repo.revisions["refs/pr/3"][1])
+    pickle_repo.add("main", "d" * 40, safe)
+    ref = resolve_model(REPO, need_weights=True)
+    assert ref.local_dir.name == "d" * 40 and ref.weights_revision is None
+    assert pickle_repo.api_calls == []
+
+    ref = resolve_model(REPO, revision="v1.0")  # configs only: no weights, no lookup
+    assert ref.weights_file is None and ref.weights_revision is None
+    assert pickle_repo.api_calls == []
+
+
+def test_offline_uses_conversion_pr_cached_by_an_earlier_run(pickle_repo, monkeypatch):
+    from huggingface_hub import constants
+
+    pickle_repo.add_pr(3)
+    online = resolve_model(REPO, need_weights=True)
+    calls = len(pickle_repo.api_calls)
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    ref = resolve_model(REPO, need_weights=True)
+    assert len(pickle_repo.api_calls) == calls  # no hub call offline
+    assert ref.local_dir == online.local_dir
+    assert ref.weights_file == online.weights_file
+    assert ref.revision == MAIN_SHA
+    assert ref.weights_revision == f"refs/pr/3@{PR_SHA}"
+    # huggingface_hub itself resolves the cached PR ref to the same folder.
+    real = pickle_repo.real_snapshot_download(REPO, revision="refs/pr/3")
+    assert Path(real).resolve() == ref.local_dir.resolve()
+
+
+def test_offline_cached_pr_must_match_main_configs(pickle_repo, monkeypatch):
+    from huggingface_hub import constants
+
+    pickle_repo.add_pr(3)
+    resolve_model(REPO, need_weights=True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    (pickle_repo.repo_dir / "snapshots" / PR_SHA / "config.json").write_text("{}")
+    with pytest.raises(ModelError, match="--allow-pickle"):
+        resolve_model(REPO, need_weights=True)
+
+
+def test_offline_several_cached_prs_is_ambiguous(pickle_repo, monkeypatch):
+    from huggingface_hub import constants
+
+    pickle_repo.add_pr(3)
+    resolve_model(REPO, need_weights=True)
+    shutil.copytree(pickle_repo.repo_dir / "snapshots" / PR_SHA,
+                    pickle_repo.repo_dir / "snapshots" / ("e" * 40))
+    (pickle_repo.repo_dir / "refs" / "refs" / "pr" / "7").write_text("e" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelError, match=r"refs/pr/3, refs/pr/7.*--revision"):
+        resolve_model(REPO, need_weights=True)
+
+
+def test_hub_unreachable_falls_back_to_cached_pr(pickle_repo, caplog):
+    pickle_repo.add_pr(3)
+    first = resolve_model(REPO, need_weights=True)
+    pickle_repo.lookup_error = ConnectionError("no route to host")
+    with caplog.at_level(logging.WARNING, logger="clipfeat.modelref"):
+        ref = resolve_model(REPO, need_weights=True)
+    assert ref.weights_file == first.weights_file
+    assert ref.weights_revision == f"refs/pr/3@{PR_SHA}"
+    assert "no route to host" in caplog.text
+
+
+def test_offline_without_cached_pr(pickle_repo, monkeypatch):
+    from huggingface_hub import constants
+
+    pickle_repo.add_pr(3)
+    resolve_model(REPO)  # caches main's configs only
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelError, match="--allow-pickle"):
+        resolve_model(REPO, need_weights=True)
+    assert pickle_repo.api_calls == []
+
+
+def test_tower_loads_conversion_pr_weights(pickle_repo, clip_vision_dir):
+    """CLIPVisionTower (delay_load, then load_model) ends up on the PR's safetensors."""
+    from types import SimpleNamespace
+
+    import torch
+    from safetensors.torch import load_file
+
+    from clipfeat.tower import CLIPVisionTower
+
+    pickle_repo.add_pr(3)
+    tower = CLIPVisionTower(REPO, SimpleNamespace(mm_vision_select_layer=-2), delay_load=True)
+    tower.load_model()
+    assert tower.model_ref.weights_revision == f"refs/pr/3@{PR_SHA}"
+    expected = load_file(clip_vision_dir / "model.safetensors")
+    key = next(k for k in expected if k.endswith("patch_embedding.weight"))
+    got = dict(tower.vision_tower.named_parameters())[key]
+    assert torch.equal(got, expected[key])
+    assert not _pickle_downloaded(pickle_repo)
