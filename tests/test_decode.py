@@ -1,0 +1,314 @@
+"""clipfeat.decode: worker pool results, order, bounds, and survival of hostile inputs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import imagegen
+import numpy as np
+import pytest
+from PIL import Image
+
+from clipfeat.decode import DecodePool, DecodeResult, decode_file, describe_error
+from clipfeat.errors import ConfigError
+from clipfeat.preprocess import PreprocessSpec
+
+try:
+    from transformers import CLIPImageProcessorPil as CLIPProc
+except ImportError:  # transformers 4.x
+    from transformers import CLIPImageProcessor as CLIPProc
+
+pytestmark = pytest.mark.slow  # these start worker processes
+
+SIZE = 30
+
+
+@pytest.fixture(scope="module")
+def proc():
+    return CLIPProc(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE},
+                    do_rescale=False, do_normalize=False)
+
+
+@pytest.fixture(scope="module")
+def spec(proc) -> PreprocessSpec:
+    return PreprocessSpec.from_processor_config(None, family="clip", image_size=SIZE)
+
+
+def reference_uint8(path: Path, proc, aspect: str = "square") -> np.ndarray:
+    """LLaVA's pixels before rescale/normalise, via the HF PIL processor (no clipfeat)."""
+    img = Image.open(path).convert("RGB")
+    img.info.pop("transparency", None)  # see test_preprocess.reference_pixels
+    if aspect == "pad":
+        w, h = img.size
+        side = max(w, h)
+        canvas = Image.new("RGB", (side, side), (122, 116, 104))
+        canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+        img = canvas
+    out = proc(img, return_tensors="np")["pixel_values"][0]
+    return out.astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile")
+    expected = imagegen.make_hostile_tree(root)
+    items = [(i, rel, str(root / rel)) for i, rel in
+             enumerate(sorted(r for r, e in expected.items() if e != "not-an-input"))]
+    return root, expected, items
+
+
+SPECIFIC_ERRORS = {
+    "bad/bomb.png": "decompression bomb: 100000x100000 = 10000000000 pixels > --max-pixels",
+    "bad/fifo.jpg": "not a regular file",
+    "bad/dangling.jpg": "file not found",
+    "bad/self_loop.jpg": "symlink loop",
+    "bad/empty.jpg": "cannot identify image file",
+    "bad/text.jpg": "cannot identify image file",
+    "bad/html.png": "cannot identify image file",
+    "bad/gzip.jpg": "cannot identify image file",
+    "bad/truncated.jpg": "truncated image",
+    "bad/truncated.png": "truncated image",
+}
+
+
+def check_tree_results(results: list[DecodeResult], tree, proc, aspect="square") -> None:
+    _root, expected, items = tree
+    assert [r.index for r in results] == [i for i, _, _ in items]  # input order
+    assert [r.key for r in results] == [k for _, k, _ in items]
+    for r in results:
+        if expected[r.key] == "ok":
+            assert r.error is None, (r.key, r.error)
+            assert r.array.dtype == np.uint8 and r.array.shape == (3, SIZE, SIZE)
+            np.testing.assert_array_equal(r.array, reference_uint8(Path(r.path), proc, aspect),
+                                          err_msg=r.key)
+        else:
+            assert r.array is None and r.error, r.key
+            assert "\n" not in r.error
+            if r.key in SPECIFIC_ERRORS:
+                assert r.error.startswith(SPECIFIC_ERRORS[r.key]), (r.key, r.error)
+
+
+@pytest.mark.parametrize("aspect", ["square", "pad"])
+def test_hostile_tree_with_workers(tree, spec, proc, aspect):
+    with DecodePool(spec, aspect, workers=2, timeout=20) as pool:
+        results = list(pool.imap(tree[2]))
+        assert pool.stats.timeouts == 0 and pool.stats.crashes == 0
+        assert pool.stats.decoded + pool.stats.failed == len(tree[2])
+    check_tree_results(results, tree, proc, aspect)
+
+
+def test_hostile_tree_in_process(tree, spec, proc):
+    pool = DecodePool(spec, workers=0)
+    results = list(pool.imap(tree[2]))
+    check_tree_results(results, tree, proc)
+    assert pool.stats.failed == sum(1 for r in results if r.error)
+
+
+def test_file_deleted_after_listing(tmp_path, spec):
+    paths = [imagegen.make_image(tmp_path / f"{i}.png", "RGB", (20, 20), seed=i)
+             for i in range(3)]
+    items = [(i, p.name, str(p)) for i, p in enumerate(paths)]
+    paths[1].unlink()
+    with DecodePool(spec, workers=1) as pool:
+        errors = [r.error for r in pool.imap(items)]
+    assert errors == [None, "file not found", None]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can read a chmod 000 file")
+def test_unreadable_file(tmp_path, spec):
+    p = imagegen.make_image(tmp_path / "locked.jpg", "RGB", (20, 20))
+    p.chmod(0)
+    with DecodePool(spec, workers=1) as pool:
+        (r,) = pool.imap([(0, "locked.jpg", str(p))])
+    assert r.error == "permission denied"
+
+
+def test_crash_hang_and_errors_are_recorded_and_the_run_goes_on(tmp_path, spec, proc):
+    names = ["a.png", "b__segv__.png", "c.png", "d__hang__.png", "e.png", "f__exit__.png",
+             "g.png", "h__raise__.png", "i.png", "j__stateful__.png", "k.png", "l.png"]
+    items = []
+    for i, name in enumerate(names):
+        p = imagegen.make_image(tmp_path / name, "RGB", (24 + i, 40 - i), seed=i)
+        items.append((100 + i, name, str(p)))
+    with DecodePool(spec, workers=2, timeout=2.0,
+                    decode_fn=imagegen.misbehaving_decode) as pool:
+        results = list(pool.imap(items))
+        stats = pool.stats
+    assert [r.index for r in results] == [i for i, _, _ in items]
+    by_name = {r.key: r for r in results}
+    assert by_name["b__segv__.png"].error == f"decoder crashed (signal {int(signal.SIGSEGV)})"
+    assert by_name["f__exit__.png"].error == "decoder crashed (exit code 3)"
+    assert by_name["d__hang__.png"].error == "decode timed out after 2s"
+    assert by_name["h__raise__.png"].error == "OSError: simulated broken file"
+    for r in results:
+        if not any(t in r.key for t in ("segv", "hang", "exit", "raise")):
+            assert r.error is None, (r.key, r.error)
+            np.testing.assert_array_equal(r.array, reference_uint8(Path(r.path), proc))
+    assert stats.timeouts == 1
+    assert stats.crashes >= 2
+    assert stats.restarts >= 4  # segv, exit, hang, raise
+    assert stats.failed == 4 and stats.decoded == len(names) - 4
+
+
+def test_error_is_confirmed_in_a_fresh_process(tmp_path, spec):
+    """A failure is retried once in a new process; the second answer is the one reported."""
+    good = imagegen.make_image(tmp_path / "good.png", "RGB", (20, 20))
+    flaky = imagegen.make_image(tmp_path / "x__stateful__.png", "RGB", (20, 20))
+    broken = imagegen.make_image(tmp_path / "y__raise__.png", "RGB", (20, 20))
+    items = [(0, "good", str(good)), (1, "flaky", str(flaky)), (2, "good2", str(good)),
+             (3, "broken", str(broken)), (4, "good3", str(good))]
+    with DecodePool(spec, workers=1, decode_fn="imagegen:misbehaving_decode") as pool:
+        results = list(pool.imap(items))
+        stats = pool.stats
+    assert [r.error for r in results] == [None, None, None, "OSError: simulated broken file",
+                                          None]
+    assert stats.retries == 2  # flaky and broken each got exactly one more try
+    assert stats.recovered == 1  # flaky succeeded in the fresh process
+    assert stats.failed == 1
+
+
+def test_items_queued_behind_a_crash_are_redispatched_not_failed(tmp_path, spec):
+    crash = imagegen.make_image(tmp_path / "a__segv__.png", "RGB", (20, 20))
+    goods = [imagegen.make_image(tmp_path / f"g{i}.png", "RGB", (20, 21 + i), seed=i)
+             for i in range(5)]
+    items = [(0, "crash", str(crash))] + [(i + 1, p.name, str(p)) for i, p in enumerate(goods)]
+    with DecodePool(spec, workers=1, decode_fn=imagegen.misbehaving_decode) as pool:
+        results = list(pool.imap(items))
+        # the first item ran in a fresh worker: the crash is confirmed, no retry
+        assert pool.stats.retries == 0 and pool.stats.crashes == 1
+    assert results[0].error.startswith("decoder crashed")
+    assert all(r.error is None for r in results[1:])
+    for r, p in zip(results[1:], goods, strict=True):
+        np.testing.assert_array_equal(r.array, decode_file(str(p), spec))
+
+
+def test_in_flight_items_are_bounded_and_order_kept(tmp_path, spec):
+    paths = [imagegen.make_image(tmp_path / f"{i}.png", "RGB", (20 + i % 5, 20), seed=i)
+             for i in range(6)]
+    pulled = 0
+
+    def items():
+        nonlocal pulled
+        for i in range(40):
+            pulled += 1
+            yield (i, f"k{i}", str(paths[i % len(paths)]))
+
+    with DecodePool(spec, workers=2, max_pending=4) as pool:
+        for taken, r in enumerate(pool.imap(items()), start=1):
+            assert r.index == taken - 1 and r.error is None
+            # the manager may pull ahead while we work, but never by more than max_pending
+            assert pulled <= taken + 4
+            time.sleep(0.005)
+    assert pulled == 40
+
+
+def test_abandoned_run_leaves_the_pool_usable(tmp_path, spec):
+    paths = [imagegen.make_image(tmp_path / f"{i}.png", "RGB", (22, 20 + i), seed=i)
+             for i in range(8)]
+    items = [(i, p.name, str(p)) for i, p in enumerate(paths)]
+    with DecodePool(spec, workers=2, max_pending=6) as pool:
+        gen = pool.imap(items * 5)
+        first = [next(gen) for _ in range(3)]
+        gen.close()
+        again = list(pool.imap(items))
+        assert len(pool.worker_pids()) == 2
+    assert [r.index for r in first] == [0, 1, 2]
+    assert [r.index for r in again] == list(range(8))
+    for r, p in zip(again, paths, strict=True):
+        np.testing.assert_array_equal(r.array, decode_file(str(p), spec))
+
+
+def test_close_while_a_run_is_left_open(tmp_path, spec):
+    """Closing the pool under a half-consumed iterator stops everything, spawns nothing."""
+    paths = [imagegen.make_image(tmp_path / f"{i}.png", "RGB", (22, 20 + i), seed=i)
+             for i in range(4)]
+    items = [(i, p.name, str(p)) for i, p in enumerate(paths)] * 20
+    pool = DecodePool(spec, workers=2, max_pending=4)
+    gen = pool.imap(items)
+    assert [next(gen).index for _ in range(2)] == [0, 1]
+    pids = pool.worker_pids()
+    pool.close()
+    assert pool.worker_pids() == []
+    assert not any(_alive(p) for p in pids)
+    assert not any(t.name == "clipfeat-decode-manager" and t.is_alive()
+                   for t in threading.enumerate())
+    gen.close()  # closing the iterator afterwards is harmless
+    with pytest.raises(RuntimeError, match="closed"):
+        list(pool.imap(items[:1]))
+
+
+def test_workers_exit_when_the_parent_is_killed(tmp_path):
+    tests_dir = Path(__file__).resolve().parent
+    hang = imagegen.make_image(tmp_path / "x__hang__.png", "RGB", (20, 20))
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, threading, time
+        sys.path.insert(0, {str(tests_dir)!r})
+        from clipfeat.decode import DecodePool
+        from clipfeat.preprocess import PreprocessSpec
+
+        def main():
+            spec = PreprocessSpec.from_processor_config(None, family="clip", image_size=30)
+            pool = DecodePool(spec, workers=2, timeout=600,
+                              decode_fn="imagegen:misbehaving_decode")
+            pool.start()
+            items = [(i, str(i), {str(hang)!r}) for i in range(4)]
+            threading.Thread(target=lambda: list(pool.imap(items)), daemon=True).start()
+            time.sleep(1.5)
+            print(" ".join(map(str, pool.worker_pids())), flush=True)
+            time.sleep(600)
+
+        if __name__ == "__main__":
+            main()
+    """))
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        line = parent.stdout.readline()
+        pids = [int(x) for x in line.split()]
+        assert len(pids) == 2
+        assert all(_alive(p) for p in pids)
+    finally:
+        parent.kill()
+        parent.wait(10)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids), "orphaned decode workers"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # zombies are dead
+    except FileNotFoundError:
+        return False
+
+
+def test_describe_error_is_one_line():
+    assert describe_error(FileNotFoundError(2, "No such file")) == "file not found"
+    assert describe_error(MemoryError()) == "out of memory"
+    assert describe_error(OSError("image file is truncated (3 bytes not processed)")) == \
+        "truncated image: image file is truncated (3 bytes not processed)"
+    assert describe_error(ValueError("a\nb   c")) == "ValueError: a b c"
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"aspect": "wide"}, "unknown aspect 'wide'"),
+    ({"workers": -1}, "workers must be an integer >= 0"),
+    ({"timeout": 0}, "timeout must be > 0"),
+    ({"max_pending": 0}, "max_pending must be an integer >= 1"),
+    ({"max_pixels": 0}, "max_pixels must be a positive integer or None"),
+    ({"decode_fn": "nowhere:nothing"}, "must be an importable module-level function"),
+    ({"decode_fn": lambda *a: None, "workers": 1}, "importable module-level function"),
+    ({"start_method": "fork", "workers": 1}, "start_method must be 'forkserver' or 'spawn'"),
+])
+def test_bad_arguments_are_config_errors(spec, kwargs, match):
+    with pytest.raises(ConfigError, match=match), DecodePool(spec, **kwargs):
+        pass
