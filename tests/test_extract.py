@@ -1,0 +1,286 @@
+"""End-to-end `extract`: features equal an independent computation, output contract, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+import clipfeat
+from clipfeat.cli import app
+from clipfeat.errors import ConfigError, ExtractionError
+
+runner = CliRunner()
+
+
+def _proc_cls(family: str):
+    import transformers
+
+    if family == "clip":
+        return getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    return getattr(transformers, "SiglipImageProcessorPil", None) or transformers.SiglipImageProcessor
+
+
+def _expand2square(img: Image.Image, color) -> Image.Image:
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    canvas = Image.new(img.mode, (side, side), color)
+    canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def reference(ckpt: Path, path: Path, *, layer: int, feature: str, aspect: str, family: str):
+    """LLaVA's path, computed with transformers only: PIL processor + hidden_states[layer]."""
+    from transformers import CLIPVisionModel, SiglipVisionModel
+
+    proc = _proc_cls(family).from_pretrained(ckpt)
+    model_cls = CLIPVisionModel if family == "clip" else SiglipVisionModel
+    model = model_cls.from_pretrained(ckpt).eval()
+    img = Image.open(path).convert("RGB")
+    if aspect == "pad":
+        img = _expand2square(img, tuple(int(x * 255) for x in proc.image_mean))
+    px = proc.preprocess(img, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        hs = model(px, output_hidden_states=True).hidden_states[layer]
+    if feature == "patch" and family == "clip":
+        hs = hs[:, 1:]
+    return hs[0].numpy()
+
+
+def make_images(root: Path) -> dict[str, Path]:
+    rng = np.random.default_rng(1)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "sub" / "deeper").mkdir(parents=True)
+    specs = {
+        "a.jpg": ("RGB", (64, 48), "JPEG"),
+        "sub/b.png": ("RGBA", (37, 53), "PNG"),
+        "sub/deeper/c.png": ("L", (30, 30), "PNG"),
+        "sub/d.gif": ("P", (45, 20), "GIF"),
+        "e.tiff": ("CMYK", (40, 41), "TIFF"),
+        "f.png": ("I;16", (33, 47), "PNG"),
+        "G.JPEG": ("RGB", (120, 31), "JPEG"),
+    }
+    out = {}
+    for key, (mode, size, fmt) in specs.items():
+        arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+        img = Image.fromarray(arr).convert(mode) if mode != "I;16" else Image.fromarray(
+            arr[..., 0].astype(np.uint16) * 257)
+        img.save(root / key, format=fmt)
+        out[key] = root / key
+    (root / "notes.txt").write_text("not an image")
+    return out
+
+
+def read_store(out: Path) -> dict[str, np.ndarray]:
+    rows = {}
+    for shard in sorted(out.glob("shard-*.h5")):
+        with h5py.File(shard, "r") as f:
+            keys = [k.decode() if isinstance(k, bytes) else k for k in f["keys"][()]]
+            feats = f["features"][()]
+        for k, v in zip(keys, feats):
+            assert k not in rows, f"key {k} stored twice"
+            rows[k] = v
+    return rows
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> dict[str, Path]:
+    return make_images(tmp_path_factory.mktemp("imgs") / "root")
+
+
+@pytest.mark.parametrize("fixture,family,feature,aspect,layer", [
+    ("clip_full_dir", "clip", "patch", "square", -2),
+    ("clip_full_dir", "clip", "cls_patch", "pad", -1),
+    ("clip_vision_dir", "clip", "patch", "pad", 1),
+    ("siglip_dir", "siglip", "patch", "square", -2),
+    ("siglip_dir", "siglip", "patch", "pad", 0),
+])
+def test_features_equal_llava_path(request, tmp_path, images, fixture, family, feature, aspect,
+                                   layer):
+    ckpt = request.getfixturevalue(fixture)
+    root = next(iter(images.values())).parent
+    out = tmp_path / "out"
+    summary = clipfeat.extract(
+        roots=[str(root)], out=str(out), model=str(ckpt), layer=layer, feature=feature,
+        aspect=aspect, device="cpu", store_dtype="float32", batch_size=3, shard_size=4,
+        workers=1,
+    )
+    assert summary.extracted == len(images) and summary.failed == 0 and summary.complete
+    rows = read_store(out)
+    assert sorted(rows) == sorted(images)
+    for key, path in images.items():
+        ref = reference(ckpt, path, layer=layer, feature=feature, aspect=aspect, family=family)
+        assert rows[key].shape == ref.shape
+        np.testing.assert_allclose(rows[key], ref, rtol=1e-5, atol=1e-5, err_msg=key)
+
+
+def test_output_contract(tmp_path, images, clip_full_dir):
+    root = next(iter(images.values())).parent
+    out = tmp_path / "out"
+    clipfeat.extract(roots=[str(root)], out=str(out), model=str(clip_full_dir), device="cpu",
+                     shard_size=3, batch_size=2, workers=1)
+    names = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    shards = [n for n in names if n.endswith(".h5")]
+    assert shards == [f"shard-{i:06d}.h5" for i in range(3)]  # 7 images / 3 per shard
+    assert set(names) == set(shards) | {"manifest.json", "failures.jsonl"}
+    with h5py.File(out / shards[0], "r") as f:
+        feats = f["features"]
+        assert feats.dtype == np.float16
+        assert feats.shape == (3, 25, 32)  # 30 px / patch 6 = 25 patches, CLS dropped
+        assert feats.chunks == (1, 25, 32)
+        assert h5py.check_string_dtype(f["keys"].dtype).encoding == "utf-8"
+        attrs = dict(f.attrs)
+    for name in ("model", "model_type", "layer", "feature", "aspect", "image_size", "patch_size",
+                 "hidden_size", "tokens", "compute_dtype", "store_dtype", "preprocessing",
+                 "clipfeat_version"):
+        assert name in attrs, name
+    assert attrs["layer"] == -2 and attrs["feature"] == "patch" and attrs["tokens"] == 25
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] is True
+    assert sum(s["num_rows"] for s in manifest["shards"]) == len(images)
+    keys_in_order = [k for s in shards for k in h5py.File(out / s, "r")["keys"].asstr()[()]]
+    assert keys_in_order == sorted(images)  # deterministic sorted order
+
+
+def test_llava_json_keys_exact(tmp_path, images, clip_full_dir):
+    root = next(iter(images.values())).parent
+    data = [
+        {"id": 1, "image": "sub/b.png", "conversations": []},
+        {"id": 2, "conversations": []},  # text-only
+        {"id": 3, "image": "a.jpg"},
+        {"id": 4, "image": ["sub/b.png", "missing.jpg"]},
+    ]
+    js = tmp_path / "train.json"
+    js.write_text(json.dumps(data))
+    out = tmp_path / "out"
+    s = clipfeat.extract(llava_json=str(js), image_folder=str(root), out=str(out),
+                         model=str(clip_full_dir), device="cpu", workers=0)
+    assert s.extracted == 2 and s.failed == 1
+    assert set(read_store(out)) == {"sub/b.png", "a.jpg"}
+    fails = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert [f["key"] for f in fails] == ["missing.jpg"]
+    assert fails[0]["error"] and fails[0]["path"].endswith("missing.jpg")
+
+
+def test_bad_files_are_recorded_and_run_completes(tmp_path, clip_full_dir):
+    root = tmp_path / "root"
+    make_images(root)
+    (root / "empty.jpg").write_bytes(b"")
+    (root / "text.png").write_text("<html>404</html>")
+    good = (root / "a.jpg").read_bytes()
+    (root / "trunc.jpg").write_bytes(good[: len(good) // 2])
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["extract", str(root), "--out", str(out), "--model",
+                              str(clip_full_dir), "--device", "cpu", "--quiet"])
+    assert res.exit_code == 0, res.output
+    fails = {json.loads(x)["key"] for x in (out / "failures.jsonl").read_text().splitlines()}
+    assert {"empty.jpg", "text.png"} <= fails
+    rows = read_store(out)
+    assert not (set(rows) & fails)
+    assert len(rows) + len(fails) == 10
+    res = runner.invoke(app, ["extract", str(root), "--out", str(tmp_path / "o2"), "--model",
+                              str(clip_full_dir), "--device", "cpu", "--quiet", "--strict"])
+    assert res.exit_code == 1
+
+
+def test_rerun_does_nothing_and_other_config_is_refused(tmp_path, images, clip_full_dir):
+    root = next(iter(images.values())).parent
+    out = tmp_path / "out"
+    args = ["extract", str(root), "--out", str(out), "--model", str(clip_full_dir),
+            "--device", "cpu", "--shard-size", "4"]
+    assert runner.invoke(app, args).exit_code == 0
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.h5")}
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0 and "nothing to do" in res.output
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.h5")} == before
+    res = runner.invoke(app, args + ["--layer", "-1"])
+    assert res.exit_code == 2 and "layer" in res.output and "--overwrite" in res.output
+    res = runner.invoke(app, args + ["--layer", "-1", "--overwrite", "--quiet"])
+    assert res.exit_code == 0
+    with h5py.File(next(out.glob("*.h5")), "r") as f:
+        assert f.attrs["layer"] == -1
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--layer", "7"], "7"),
+    (["--feature", "cls"], "cls"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--aspect", "wide"], "wide"),
+    (["--store-dtype", "int8"], "int8"),
+    (["--device", "tpu"], "tpu"),
+])
+def test_usage_errors_exit_2_and_write_nothing(tmp_path, images, clip_full_dir, extra, needle):
+    root = next(iter(images.values())).parent
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["extract", str(root), "--out", str(out), "--model",
+                              str(clip_full_dir), "--device", "cpu"] + extra)
+    assert res.exit_code == 2, res.output
+    assert needle in res.output
+    assert "Traceback" not in res.output
+    assert not out.exists()
+
+
+def test_missing_root_unknown_model_out_is_file(tmp_path, images, clip_full_dir):
+    root = next(iter(images.values())).parent
+    res = runner.invoke(app, ["extract", str(tmp_path / "nope"), "--out", str(tmp_path / "o"),
+                              "--model", str(clip_full_dir)])
+    assert res.exit_code == 2 and "nope" in res.output
+    res = runner.invoke(app, ["extract", str(root), "--out", str(tmp_path / "o"),
+                              "--model", "no-such-org/no-such-model"])
+    assert res.exit_code == 2 and "--model" in res.output
+    f = tmp_path / "file"
+    f.write_text("x")
+    res = runner.invoke(app, ["extract", str(root), "--out", str(f), "--model", str(clip_full_dir)])
+    assert res.exit_code == 2 and "file" in res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_float16_overflow_fails_clearly(tmp_path, images, clip_full_dir):
+    from transformers import CLIPVisionModel
+
+    big = tmp_path / "big"
+    model = CLIPVisionModel.from_pretrained(clip_full_dir)
+    with torch.no_grad():
+        model.state_dict()  # touch
+        emb = model.vision_model.embeddings if hasattr(model, "vision_model") else model.embeddings
+        emb.class_embedding.mul_(0).add_(1e6)
+        emb.position_embedding.weight.mul_(0).add_(1e6)
+        pre = model.vision_model.pre_layrnorm if hasattr(model, "vision_model") else model.pre_layrnorm
+        pre.weight.fill_(1e6)
+    model.save_pretrained(big)
+    for name in ("preprocessor_config.json",):
+        (big / name).write_bytes((clip_full_dir / name).read_bytes())
+    root = next(iter(images.values())).parent
+    with pytest.raises(ExtractionError, match="store-dtype float32"):
+        clipfeat.extract(roots=[str(root)], out=str(tmp_path / "o"), model=str(big),
+                         device="cpu", layer=0, workers=0)
+    assert not list((tmp_path / "o").glob("*.h5"))
+    s = clipfeat.extract(roots=[str(root)], out=str(tmp_path / "o32"), model=str(big),
+                         device="cpu", layer=0, workers=0, store_dtype="float32")
+    assert s.extracted == len(images)
+
+
+def test_config_errors_raise_before_writing(tmp_path, clip_full_dir):
+    with pytest.raises(ConfigError):
+        clipfeat.extract(roots=[str(tmp_path / "missing")], out=str(tmp_path / "o"),
+                         model=str(clip_full_dir))
+    assert not (tmp_path / "o").exists()
+
+
+def test_summary_json_and_exit_code(tmp_path, images, clip_full_dir):
+    root = next(iter(images.values())).parent
+    res = runner.invoke(app, ["extract", str(root), "--out", str(tmp_path / "o"), "--model",
+                              str(clip_full_dir), "--device", "cpu", "--json", "--quiet"])
+    assert res.exit_code == 0
+    data = json.loads(res.stdout.strip().splitlines()[-1])
+    assert data["extracted"] == len(images) and data["complete"] is True
+    assert os.path.exists(tmp_path / "o" / "manifest.json")
