@@ -189,6 +189,9 @@ def _prepare(cfg: ExtractConfig) -> _Run:
         cfg.model, args, delay_load=True, revision=cfg.revision, allow_pickle=cfg.allow_pickle
     )
     vcfg = ref.vision_config
+    if ref.preprocessor_config is None:
+        logger.warning("model %r has no preprocessor_config.json: using the %s defaults at %d px",
+                       cfg.model, ref.family, vcfg.image_size)
     spec = PreprocessSpec.from_processor_config(
         ref.preprocessor_config, family=ref.family, image_size=vcfg.image_size
     )
@@ -246,7 +249,10 @@ def _prepare(cfg: ExtractConfig) -> _Run:
             raise ConfigError(
                 f"--out {out} holds shards but no plan: use another --out, or --overwrite"
             )
-    return _Run(cfg, out, device, compute_dtype, tower, spec, meta, identity, items, src)
+    run = _Run(cfg, out, device, compute_dtype, tower, spec, meta, identity, items, src)
+    # Load the weights now: a corrupt or truncated checkpoint must fail before OUT is touched.
+    _load_tower(run)
+    return run
 
 
 def _wipe(out: Path) -> None:
@@ -615,6 +621,8 @@ def _run_chunks(
         exif_transpose=cfg.exif_transpose,
         max_pixels=cfg.max_pixels,
         timeout=cfg.decode_timeout,
+        # Tests inject a misbehaving decoder here ("module:function", see DecodePool).
+        decode_fn=cfg.extra.get("decode_fn"),
     )
     feeder = _Feeder(pool, tasks(), depth=max(2 * cfg.batch_size, 4 * max(1, cfg.num_workers)))
     batch: list[tuple[int, str, Any]] = []

@@ -170,7 +170,7 @@ class _TowerImpl:
         self._allow_pickle = allow_pickle
         self._logged_loaded = False
         self.vision_tower = None
-        self.image_processor = None
+        self._image_processor = None
 
         self.model_ref = resolve_model(vision_tower, revision=revision,
                                        need_weights=not delay_load, allow_pickle=allow_pickle)
@@ -198,8 +198,6 @@ class _TowerImpl:
             ref = resolve_model(self.vision_tower_name, revision=self._revision,
                                 need_weights=True, allow_pickle=self._allow_pickle)
             self.model_ref = ref
-        self.image_processor = load_image_processor(ref)
-
         if ref.family == "clip":
             from transformers import CLIPVisionModel as model_cls
         else:
@@ -238,6 +236,21 @@ class _TowerImpl:
         self.is_loaded = True
         logger.debug("loaded %s (%s), kept %d of %d blocks", ref.name, ref.model_type,
                      self.select_layer_index, ref.num_hidden_layers)
+
+    @property
+    def image_processor(self) -> Any:
+        """The checkpoint's HF PIL image processor (LLaVA's API), loaded on first use.
+
+        clipfeat's own pipeline preprocesses with `clipfeat.preprocess`, so extraction never
+        pays for importing transformers' image-processing stack.
+        """
+        if self._image_processor is None and self.is_loaded:
+            self._image_processor = load_image_processor(self.model_ref)
+        return self._image_processor
+
+    @image_processor.setter
+    def image_processor(self, value: Any) -> None:
+        self._image_processor = value
 
     # -- forward -----------------------------------------------------------------------------
 

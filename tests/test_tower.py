@@ -215,7 +215,9 @@ def test_missing_preprocessor_config_uses_defaults(tmp_path, clip_vision_dir, ca
         shutil.copy(clip_vision_dir / name, folder / name)
     with caplog.at_level("WARNING", logger="clipfeat.tower"):
         tower = CLIPVisionTower(str(folder), _args())
+        processor = tower.image_processor  # loaded on first use
     assert "no preprocessor_config.json" in caplog.text
+    assert processor is tower.image_processor
     assert tower.image_processor.crop_size == {"height": 30, "width": 30}
     assert dict(tower.image_processor.size) == {"shortest_edge": 30}
 
