@@ -42,26 +42,33 @@ TOWERS = {
 }
 
 
-def make_photos(folder: Path, n: int, size: tuple[int, int] = (640, 480)) -> list[Path]:
-    """Photo-like JPEGs (smooth gradients + noise), made once and cached."""
+def _make_photo(args: tuple[str, int, int, int]) -> None:
     import numpy as np
     from PIL import Image
 
+    path, seed, w, h = args
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    a, b, c = rng.uniform(0.2, 1.0, 3)
+    base = np.stack([
+        128 + 100 * np.sin(xx / (40 * a) + c),
+        128 + 100 * np.cos(yy / (50 * b) - c),
+        128 + 80 * np.sin((xx + yy) / (60 * c + 10)),
+    ], axis=-1)
+    img = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(img).save(path, quality=90)
+
+
+def make_photos(folder: Path, n: int, size: tuple[int, int] = (640, 480)) -> list[Path]:
+    """Photo-like JPEGs (smooth gradients + noise), made once (in parallel) and cached."""
+    from multiprocessing import get_context
+
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"img{i:06d}.jpg" for i in range(n)]
-    missing = [p for p in paths if not p.exists()]
-    rng = np.random.default_rng(0)
-    w, h = size
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    for p in missing:
-        a, b, c = rng.uniform(0.2, 1.0, 3)
-        base = np.stack([
-            128 + 100 * np.sin(xx / (40 * a) + c),
-            128 + 100 * np.cos(yy / (50 * b) - c),
-            128 + 80 * np.sin((xx + yy) / (60 * c + 10)),
-        ], axis=-1)
-        img = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
-        Image.fromarray(img).save(p, quality=90)
+    todo = [(str(p), i, size[0], size[1]) for i, p in enumerate(paths) if not p.exists()]
+    if todo:
+        with get_context("spawn").Pool(os.cpu_count() or 1) as pool:
+            pool.map(_make_photo, todo, chunksize=16)
     return paths
 
 
@@ -165,6 +172,24 @@ def model_only(ckpt: Path, n: int, bs: int, device: str) -> float:
     return time.perf_counter() - t0
 
 
+def decode_only(ckpt: Path, photos: list[Path], workers: int | None) -> float:
+    """Seconds for the decode workers alone (file -> uint8 336x336), no model."""
+    from clipfeat.decode import DecodePool
+    from clipfeat.modelref import resolve_model
+    from clipfeat.preprocess import PreprocessSpec
+
+    ref = resolve_model(str(ckpt))
+    spec = PreprocessSpec.from_processor_config(ref.preprocessor_config, family=ref.family,
+                                                image_size=ref.image_size)
+    with DecodePool(spec, workers=workers) as pool:
+        pool.start()
+        t0 = time.perf_counter()
+        n = sum(1 for r in pool.imap((i, p.name, str(p)) for i, p in enumerate(photos)) if r.ok)
+        dt = time.perf_counter() - t0
+    assert n == len(photos)
+    return dt
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tower", choices=sorted(TOWERS), default="tiny336")
@@ -208,6 +233,8 @@ def main() -> None:
         rows.append(("(a) hand-written script (whole process)", t_naive))
     t_model = model_only(ckpt, n, args.batch_size, args.device)
     rows.append(("(b) tower alone on ready tensors", t_model))
+    t_dec = decode_only(ckpt, photos, args.workers)
+    rows.append(("decode workers alone (file -> uint8)", t_dec))
 
     print(f"\n{args.tower} tower, {n} photos 640x480 JPEG, batch {args.batch_size}, "
           f"device {args.device}, {os.cpu_count()} CPUs")

@@ -83,7 +83,7 @@ class _Run:
     identity: dict[str, Any]
     items: list[Any]
     sources: dict[str, Any]
-    dist: Any = None
+    existing_plan: Any = None
 
 
 def _resolve_device(requested: str, local_rank: int) -> str:
@@ -167,7 +167,7 @@ def _prepare(cfg: ExtractConfig) -> _Run:
     from clipfeat.modelref import resolve_model
     from clipfeat.plan import load_plan
     from clipfeat.preprocess import PreprocessSpec
-    from clipfeat.tower import CLIPVisionTower
+    from clipfeat.tower import check_feature, resolve_layer, tokens_per_image
 
     cfg.validate()
     out = Path(cfg.out).expanduser()
@@ -182,18 +182,13 @@ def _prepare(cfg: ExtractConfig) -> _Run:
     ref = resolve_model(
         cfg.model, revision=cfg.revision, need_weights=True, allow_pickle=cfg.allow_pickle
     )
-    args = dataclasses.make_dataclass("Args", ["mm_vision_select_layer", "mm_vision_select_feature"])(
-        cfg.layer, cfg.feature
-    )
-    tower = CLIPVisionTower(
-        cfg.model, args, delay_load=True, revision=cfg.revision, allow_pickle=cfg.allow_pickle
-    )
-    vcfg = ref.vision_config
+    layer_index = resolve_layer(cfg.layer, ref.num_hidden_layers)
+    check_feature(cfg.feature, ref.family)
     if ref.preprocessor_config is None:
         logger.warning("model %r has no preprocessor_config.json: using the %s defaults at %d px",
-                       cfg.model, ref.family, vcfg.image_size)
+                       cfg.model, ref.family, ref.image_size)
     spec = PreprocessSpec.from_processor_config(
-        ref.preprocessor_config, family=ref.family, image_size=vcfg.image_size
+        ref.preprocessor_config, family=ref.family, image_size=ref.image_size
     )
     meta = {
         "clipfeat_version": __version__,
@@ -203,15 +198,15 @@ def _prepare(cfg: ExtractConfig) -> _Run:
         "model_type": ref.model_type,
         "family": ref.family,
         "layer": cfg.layer,
-        "layer_index": tower.select_layer_index,
-        "num_layers": tower.num_layers,
+        "layer_index": layer_index,
+        "num_layers": ref.num_hidden_layers,
         "feature": cfg.feature,
         "aspect": cfg.aspect,
-        "image_size": int(vcfg.image_size),
-        "patch_size": int(vcfg.patch_size),
-        "hidden_size": int(vcfg.hidden_size),
-        "tokens": int(tower.num_tokens),
-        "has_cls_token": bool(tower.has_cls_token),
+        "image_size": int(ref.image_size),
+        "patch_size": int(ref.patch_size),
+        "hidden_size": int(ref.hidden_size),
+        "tokens": int(tokens_per_image(ref, cfg.feature)),
+        "has_cls_token": bool(ref.has_cls_token),
         "compute_dtype": compute_dtype,
         "store_dtype": cfg.store_dtype,
         "exif_transpose": cfg.exif_transpose,
@@ -230,6 +225,7 @@ def _prepare(cfg: ExtractConfig) -> _Run:
         "preprocessing": spec.to_dict(),
         "sources": src,
     }
+    plan = None
     if not cfg.overwrite:
         plan = load_plan(out) if out.is_dir() else None
         if plan is not None:
@@ -249,10 +245,9 @@ def _prepare(cfg: ExtractConfig) -> _Run:
             raise ConfigError(
                 f"--out {out} holds shards but no plan: use another --out, or --overwrite"
             )
-    run = _Run(cfg, out, device, compute_dtype, tower, spec, meta, identity, items, src)
-    # Load the weights now: a corrupt or truncated checkpoint must fail before OUT is touched.
-    _load_tower(run)
-    return run
+    # The weights are loaded (and so validated) by _extract before OUT is touched.
+    return _Run(cfg, out, device, compute_dtype, None, spec, meta, identity, items, src,
+                existing_plan=plan)
 
 
 def _wipe(out: Path) -> None:
@@ -522,26 +517,30 @@ def extract(
 
 def _extract(cfg: ExtractConfig, progress: Progress | None) -> Summary:
     from clipfeat import distributed
-    from clipfeat.plan import freeze, load_plan
+    from clipfeat.plan import extend, load_plan, save
     from clipfeat.store import finalize, remove_partials, scan_shards
 
     t0 = time.perf_counter()
     run = _prepare(cfg)
     out = run.out
     dist = distributed.setup(run.device)
+    decode: _Decode | None = None
     try:
+        plan = None
         if dist.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            if cfg.overwrite:
-                _wipe(out)
-            try:
-                plan = freeze(out, run.items, shard_size=cfg.shard_size, sources=run.sources,
-                              identity=run.identity)
-            except OSError as err:
-                raise ExtractionError(f"cannot write the plan into {out}: {err}") from None
+            plan = extend(run.existing_plan, run.items, shard_size=cfg.shard_size,
+                          sources=run.sources, identity=run.identity)
+        if dist.world == 1:
+            # Start decoding now: the workers get going while the model loads.
+            finished = {} if cfg.overwrite or not out.is_dir() else scan_shards(out)
+            decode = _Decode(run, plan, [c for c in plan.chunks if c.id not in finished])
+        # Load (and so validate) the weights before anything is written to OUT.
+        _load_tower(run)
+        if dist.is_main:
+            _write_plan(out, plan, overwrite=cfg.overwrite, save=save)
             remove_partials(out)
         dist.barrier()
-        if not dist.is_main:
+        if plan is None:
             plan = load_plan(out)
         summary = Summary(out=str(out), planned=len(plan.items), rank=dist.rank, world=dist.world)
         finished = scan_shards(out)
@@ -549,8 +548,10 @@ def _extract(cfg: ExtractConfig, progress: Progress | None) -> Summary:
         todo_all = [c for c in plan.chunks if c.id not in done_ids]
         mine = [c for c in todo_all if dist.mine(c.id)]
         summary.skipped = sum(len(c) for c in plan.chunks if c.id in done_ids)
+        if mine and decode is None:
+            decode = _Decode(run, plan, mine)
         if todo_all:
-            _run_chunks(run, plan, mine, todo_all, finished, summary, progress, dist)
+            _run_chunks(run, plan, mine, todo_all, finished, summary, progress, dist, decode)
         dist.barrier()
         if dist.is_main:
             shards = scan_shards(out)
@@ -559,9 +560,68 @@ def _extract(cfg: ExtractConfig, progress: Progress | None) -> Summary:
             finalize(out, meta=run.meta, plan=plan.info(), shards=shards.values(),
                      complete=summary.complete)
     finally:
+        if decode is not None:
+            decode.close()
         dist.close()
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _write_plan(out: Path, plan: Any, *, overwrite: bool, save: Callable[..., None]) -> None:
+    """Create OUT (wiping clipfeat's files with --overwrite) and write the plan into it."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # e.g. a read-only or pseudo file system
+        raise ConfigError(
+            f"--out {out} cannot be created ({err.strerror or err}): choose a writable --out"
+        ) from None
+    if overwrite:
+        _wipe(out)
+    try:
+        save(out, plan)
+    except PermissionError as err:
+        raise ConfigError(
+            f"--out {out} is not writable ({err.strerror or err}): choose a writable --out"
+        ) from None
+    except OSError as err:
+        raise ExtractionError(f"cannot write the plan into {out}: {err}") from None
+
+
+class _Decode:
+    """The decode worker pool and its feeder thread over the items of some chunks."""
+
+    def __init__(self, run: _Run, plan: Any, chunks: list[Any]) -> None:
+        from clipfeat.decode import DecodePool
+
+        cfg = run.cfg
+        self.chunk_ids = [c.id for c in chunks]
+        self.pool = DecodePool(
+            run.spec,
+            aspect=cfg.aspect,
+            workers=cfg.num_workers,
+            exif_transpose=cfg.exif_transpose,
+            max_pixels=cfg.max_pixels,
+            timeout=cfg.decode_timeout,
+            # Tests inject a misbehaving decoder here ("module:function", see DecodePool).
+            decode_fn=cfg.extra.get("decode_fn"),
+        )
+
+        def tasks() -> Iterator[tuple[int, str, str]]:
+            for c in chunks:
+                for it in plan.chunk_items(c):
+                    if not it.error:
+                        yield (it.index, it.key, it.path)
+
+        # Room for a few batches, more while the model loads, at most ~256 MiB of pixels.
+        image_bytes = 3 * run.spec.out_height * run.spec.out_width
+        depth = max(2 * cfg.batch_size, 4 * max(1, cfg.num_workers),
+                    min(1024, (256 << 20) // image_bytes))
+        self.feeder = _Feeder(self.pool, tasks(), depth=depth)
+        self.feeder.start()
+
+    def close(self) -> None:
+        self.feeder.stop.set()
+        self.pool.close()
 
 
 def _run_chunks(
@@ -573,10 +633,10 @@ def _run_chunks(
     summary: Summary,
     progress: Progress | None,
     dist: Any,
+    decode: _Decode | None,
 ) -> None:
     import torch
 
-    from clipfeat.decode import DecodePool
     from clipfeat.store import finalize
 
     cfg = run.cfg
@@ -603,28 +663,14 @@ def _run_chunks(
     if not run.device.startswith("cuda"):
         threads = cfg.torch_threads or torch.get_num_threads()
         torch.set_num_threads(max(1, threads))
-    _load_tower(run)
+    if decode is None or decode.chunk_ids != [c.id for c in mine]:
+        if decode is not None:
+            decode.close()
+        decode = _Decode(run, plan, mine)
+    pool, feeder = decode.pool, decode.feeder
     dev = _Device(run.tower, run.spec, run.device, run.compute_dtype, cfg.store_dtype)
     writer = _Writer(run.out, run.meta, on_commit)
     writer.start()
-
-    def tasks() -> Iterator[tuple[int, str, str]]:
-        for c in mine:
-            for it in plan.chunk_items(c):
-                if not it.error:
-                    yield (it.index, it.key, it.path)
-
-    pool = DecodePool(
-        run.spec,
-        aspect=cfg.aspect,
-        workers=cfg.num_workers,
-        exif_transpose=cfg.exif_transpose,
-        max_pixels=cfg.max_pixels,
-        timeout=cfg.decode_timeout,
-        # Tests inject a misbehaving decoder here ("module:function", see DecodePool).
-        decode_fn=cfg.extra.get("decode_fn"),
-    )
-    feeder = _Feeder(pool, tasks(), depth=max(2 * cfg.batch_size, 4 * max(1, cfg.num_workers)))
     batch: list[tuple[int, str, Any]] = []
     ended: list[int] = []
     in_flight: list[Any] = []  # (handle, batch, ended chunks)
@@ -684,47 +730,45 @@ def _run_chunks(
         while len(in_flight) > (1 if dev.cuda else 0):
             drain_one()
 
-    with pool:
-        feeder.start()
-        try:
-            for c in mine:
-                items = plan.chunk_items(c)
-                writer.put(("begin", c.id, len(items)))
-                for it in items:
-                    if it.error:
-                        err, path = it.error, it.path
-                    else:
-                        res = feeder.get()
-                        if res is _STOP or res.index != it.index:
-                            raise ExtractionError(
-                                f"internal error: decode results out of order at {it.key!r}"
-                            )
-                        err, path = res.error, res.path
-                        if err is None:
-                            batch.append((c.id, it.key, res.array))
-                            if len(batch) >= cfg.batch_size:
-                                flush()
-                            continue
-                    writer.put(("fail", c.id, _failure(it, path, err)))
-                    summary.failed += 1
-                    if progress is not None:
-                        progress.advance(1, 1)
-                ended.append(c.id)
-                if not batch:
-                    flush()
-            flush()
-            while in_flight:
-                drain_one()
-            writer.finish()
-            poll_others(force=True)
-        except BaseException:
-            feeder.stop.set()
-            _stop_writer(writer)
-            raise
-        finally:
-            feeder.stop.set()
-            stats = getattr(pool, "stats", None)
-            summary.stats = stats.as_dict() if hasattr(stats, "as_dict") else {}
+    try:
+        for c in mine:
+            items = plan.chunk_items(c)
+            writer.put(("begin", c.id, len(items)))
+            for it in items:
+                if it.error:
+                    err, path = it.error, it.path
+                else:
+                    res = feeder.get()
+                    if res is _STOP or res.index != it.index:
+                        raise ExtractionError(
+                            f"internal error: decode results out of order at {it.key!r}"
+                        )
+                    err, path = res.error, res.path
+                    if err is None:
+                        batch.append((c.id, it.key, res.array))
+                        if len(batch) >= cfg.batch_size:
+                            flush()
+                        continue
+                writer.put(("fail", c.id, _failure(it, path, err)))
+                summary.failed += 1
+                if progress is not None:
+                    progress.advance(1, 1)
+            ended.append(c.id)
+            if not batch:
+                flush()
+        flush()
+        while in_flight:
+            drain_one()
+        writer.finish()
+        poll_others(force=True)
+    except BaseException:
+        feeder.stop.set()
+        _stop_writer(writer)
+        raise
+    finally:
+        feeder.stop.set()
+        stats = getattr(pool, "stats", None)
+        summary.stats = stats.as_dict() if hasattr(stats, "as_dict") else {}
     summary.bytes_written = writer.bytes_written
 
 
@@ -740,10 +784,18 @@ def _stop_writer(writer: _Writer) -> None:
 
 
 def _load_tower(run: _Run) -> None:
-    import torch
+    """Build and load the tower on the run's device and dtype (ModelError on bad weights)."""
+    from clipfeat.tower import CLIPVisionTower
 
-    run.tower.load_model()
-    run.tower.vision_tower.to(device=run.device, dtype=getattr(torch, run.compute_dtype))
+    cfg = run.cfg
+    args = dataclasses.make_dataclass(
+        "Args", ["mm_vision_select_layer", "mm_vision_select_feature"]
+    )(cfg.layer, cfg.feature)
+    tower = CLIPVisionTower(cfg.model, args, delay_load=True, revision=cfg.revision,
+                            allow_pickle=cfg.allow_pickle, device=run.device,
+                            dtype=run.compute_dtype)
+    tower.load_model()
+    run.tower = tower
 
 
 def _failure(it: Any, path: str, error: str) -> dict[str, Any]:

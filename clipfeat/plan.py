@@ -49,6 +49,7 @@ class Plan:
     items: list[PlanItem]
     chunks: list[Chunk]
     appended: int = 0  # items added by this call (0 on a plain resume)
+    dirty: bool = False  # differs from what OUT holds: `save` must write it
 
     @property
     def shard_size(self) -> int:
@@ -128,21 +129,20 @@ def load_plan(out: Path) -> Plan | None:
     return Plan(header, items, _cut(items))
 
 
-def freeze(
-    out: Path,
+def extend(
+    existing: Plan | None,
     items: Sequence[Any],
     *,
     shard_size: int,
     sources: dict[str, Any],
     identity: dict[str, Any] | None = None,
 ) -> Plan:
-    """Create the plan of OUT from `items` (objects with key/path/error), or extend it.
+    """The plan made from `items` (objects with key/path/error), in memory: nothing is written.
 
     An existing plan keeps its items and chunks; keys it does not know are appended as new
     chunks of its own shard size. Items already planned are never re-ordered or removed
     (a file gone since is recorded as a failure when its chunk runs).
     """
-    existing = load_plan(out)
     if existing is None:
         header = {
             "format": PLAN_FORMAT,
@@ -174,13 +174,35 @@ def freeze(
         planned.append(
             PlanItem(base + j, next_chunk + j // size, it.key, it.path, getattr(it, "error", None))
         )
-    if existing is None or new:
-        _atomic_write_lines(
-            plan_path(out),
-            [_dumps(header)]
-            + [_dumps(_item_dict(it)) for it in planned],
-        )
-    return Plan(header, planned, _cut(planned), appended=len(new))
+    plan = Plan(header, planned, _cut(planned), appended=len(new))
+    plan.dirty = existing is None or bool(new)
+    return plan
+
+
+def save(out: Path, plan: Plan) -> None:
+    """Write the plan into OUT atomically (temp file, fsync, rename) if it changed."""
+    if not getattr(plan, "dirty", True):
+        return
+    _atomic_write_lines(
+        plan_path(out),
+        [_dumps(plan.header)] + [_dumps(_item_dict(it)) for it in plan.items],
+    )
+    plan.dirty = False
+
+
+def freeze(
+    out: Path,
+    items: Sequence[Any],
+    *,
+    shard_size: int,
+    sources: dict[str, Any],
+    identity: dict[str, Any] | None = None,
+) -> Plan:
+    """Create or extend the plan of OUT from `items` and write it: `extend` + `save`."""
+    plan = extend(load_plan(out), items, shard_size=shard_size, sources=sources,
+                  identity=identity)
+    save(out, plan)
+    return plan
 
 
 def _item_dict(it: PlanItem) -> dict[str, Any]:

@@ -1,0 +1,88 @@
+"""Peak memory of `clipfeat extract` for a small and a 10x larger run: it must not grow.
+
+    python benchmarks/bench_memory.py --images 400 4000
+
+Runs the whole command as a subprocess and samples /proc every 0.1 s: the main process's
+own peak (VmHWM) and the peak of the summed resident memory of the process tree (main
+process, forkserver, decode workers). Prints one line per size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_extract import make_photos, make_tower  # noqa: E402
+
+
+def _status(pid: int, field: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])  # kB
+    except OSError:
+        pass
+    return 0
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            out = [int(x) for x in fh.read().split()]
+    except OSError:
+        return []
+    for c in list(out):
+        out += _children(c)
+    return out
+
+
+def measure(cmd: list[str], env: dict[str, str]) -> tuple[float, int, int]:
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    hwm = tree = 0
+    while proc.poll() is None:
+        hwm = max(hwm, _status(proc.pid, "VmHWM"))
+        total = sum(_status(p, "VmRSS") for p in [proc.pid] + _children(proc.pid))
+        tree = max(tree, total)
+        time.sleep(0.1)
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    if proc.returncode != 0:
+        raise SystemExit(f"clipfeat failed ({proc.returncode}): {err}")
+    return time.perf_counter() - t0, hwm, tree
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, nargs="+", default=[400, 4000])
+    ap.add_argument("--tower", default="tiny336")
+    ap.add_argument("--shard-size", type=int, default=1000)
+    ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "clipfeat-bench"))
+    args = ap.parse_args()
+    cache = Path(args.cache)
+    photos = make_photos(cache / "photos-640x480", max(args.images))
+    ckpt = make_tower(cache, args.tower)
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    print(f"{args.tower} tower, 640x480 JPEGs, shard size {args.shard_size}")
+    print(f"{'images':>8s} {'seconds':>8s} {'main peak MiB':>14s} {'tree peak MiB':>14s}")
+    for n in args.images:
+        with tempfile.TemporaryDirectory() as work:
+            lst = Path(work) / "list.txt"
+            lst.write_text("\n".join(str(p) for p in photos[:n]))
+            cmd = [sys.executable, "-m", "clipfeat", "extract", str(cache / "photos-640x480"),
+                   "--files-from", str(lst),
+                   "--out", str(Path(work) / "out"), "--model", str(ckpt), "--quiet",
+                   "--device", "cpu", "--shard-size", str(args.shard_size)]
+            dt, hwm, tree = measure(cmd, env)
+        print(f"{n:8d} {dt:8.1f} {hwm / 1024:14.1f} {tree / 1024:14.1f}")
+
+
+if __name__ == "__main__":
+    main()
