@@ -277,13 +277,18 @@ class _Writer(threading.Thread):
         self.open: dict[int, Any] = {}
         self.expected: dict[int, int] = {}
         self.bytes_written = 0
+        self.seconds = {"append": 0.0, "commit": 0.0}
 
     def put(self, msg: tuple) -> None:
+        t = time.perf_counter()
         while True:
             if self.error is not None:
                 raise self.error
             try:
                 self.q.put(msg, timeout=0.2)
+                self.seconds["main_waits_writer"] = (
+                    self.seconds.get("main_waits_writer", 0.0) + time.perf_counter() - t
+                )
                 return
             except queue.Full:
                 if not self.is_alive():
@@ -319,18 +324,22 @@ class _Writer(threading.Thread):
                 kind = msg[0]
                 if kind == "rows":
                     _, chunk, keys, feats, release = msg
+                    t = time.perf_counter()
                     try:
                         self._shard(chunk).append(keys, feats)
                     finally:
                         if release is not None:
                             release()
+                    self.seconds["append"] += time.perf_counter() - t
                 elif kind == "fail":
                     self._shard(msg[1]).add_failures([msg[2]])
                 elif kind == "begin":
                     self.expected[msg[1]] = msg[2]
                 elif kind == "end":
+                    t = time.perf_counter()
                     w = self._shard(msg[1])
                     info = w.commit()
+                    self.seconds["commit"] += time.perf_counter() - t
                     del self.open[msg[1]]
                     self.bytes_written += info.bytes
                     self.on_commit(info)
@@ -359,6 +368,7 @@ class _Feeder(threading.Thread):
         self.tasks = tasks
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
+        self.waited = 0.0  # seconds the device loop waited for decoded images
 
     def run(self) -> None:
         try:
@@ -384,7 +394,9 @@ class _Feeder(threading.Thread):
                 continue
 
     def get(self) -> Any:
+        t = time.perf_counter()
         obj = self.q.get()
+        self.waited += time.perf_counter() - t
         if isinstance(obj, BaseException):
             raise obj
         return obj
@@ -522,6 +534,7 @@ def _extract(cfg: ExtractConfig, progress: Progress | None) -> Summary:
 
     t0 = time.perf_counter()
     run = _prepare(cfg)
+    t_prepared = time.perf_counter()
     out = run.out
     dist = distributed.setup(run.device)
     decode: _Decode | None = None
@@ -535,7 +548,9 @@ def _extract(cfg: ExtractConfig, progress: Progress | None) -> Summary:
             finished = {} if cfg.overwrite or not out.is_dir() else scan_shards(out)
             decode = _Decode(run, plan, [c for c in plan.chunks if c.id not in finished])
         # Load (and so validate) the weights before anything is written to OUT.
+        t_load = time.perf_counter()
         _load_tower(run)
+        t_loaded = time.perf_counter()
         if dist.is_main:
             _write_plan(out, plan, overwrite=cfg.overwrite, save=save)
             remove_partials(out)
@@ -564,6 +579,9 @@ def _extract(cfg: ExtractConfig, progress: Progress | None) -> Summary:
             decode.close()
         dist.close()
     summary.seconds = time.perf_counter() - t0
+    summary.stats.setdefault("seconds", {}).update(
+        prepare=round(t_prepared - t0, 3), model_load=round(t_loaded - t_load, 3)
+    )
     return summary
 
 
@@ -675,6 +693,8 @@ def _run_chunks(
     ended: list[int] = []
     in_flight: list[Any] = []  # (handle, batch, ended chunks)
 
+    device_s = [0.0]
+    t_loop = time.perf_counter()
     others = {c.id: len(c) for c in todo_all if not dist.mine(c.id)}
     next_poll = [0.0]
 
@@ -696,14 +716,19 @@ def _run_chunks(
     def drain_one() -> None:
         poll_others()
         handle, rows, ends = in_flight.pop(0)
+        t = time.perf_counter()
         feats, bad, release = dev.collect(handle)
+        device_s[0] += time.perf_counter() - t
         if bad:
             if release:
                 release()
             _raise_range(feats, rows, cfg.store_dtype)
+        ends = list(ends)  # ascending chunk ids, like the rows
         start = 0
         while start < len(rows):
             chunk = rows[start][0]
+            while ends and ends[0] < chunk:  # all its rows are queued: commit it before
+                writer.put(("end", ends.pop(0)))  # opening the next shard
             stop = start
             while stop < len(rows) and rows[stop][0] == chunk:
                 stop += 1
@@ -722,7 +747,9 @@ def _run_chunks(
     def flush() -> None:
         nonlocal batch, ended
         if batch:
+            t = time.perf_counter()
             handle = dev.launch([b[2] for b in batch], cfg.batch_size)
+            device_s[0] += time.perf_counter() - t
             in_flight.append((handle, [(b[0], b[1]) for b in batch], ended))
         elif ended:
             in_flight.append(((None, False, None, None), [], ended))
@@ -769,17 +796,27 @@ def _run_chunks(
         feeder.stop.set()
         stats = getattr(pool, "stats", None)
         summary.stats = stats.as_dict() if hasattr(stats, "as_dict") else {}
+        summary.stats["seconds"] = {
+            "loop": round(time.perf_counter() - t_loop, 3),
+            "waiting_for_decode": round(feeder.waited, 3),
+            "device_launch_and_collect": round(device_s[0], 3),
+            **{k: round(v, 3) for k, v in writer.seconds.items()},
+        }
     summary.bytes_written = writer.bytes_written
 
 
 def _stop_writer(writer: _Writer) -> None:
     """After a failure: let the writer finish what it holds, then drop unfinished shards."""
-    try:
-        if writer.is_alive():
-            writer.put(("stop",))
-    except BaseException:  # the writer's own error is already being handled
-        pass
-    writer.join(timeout=60)
+    # Not writer.put(): once the writer has failed, put() re-raises its error instead of
+    # queueing, and the writer (still draining its queue) would never see the stop.
+    deadline = time.monotonic() + 60
+    while writer.is_alive() and time.monotonic() < deadline:
+        try:
+            writer.q.put(("stop",), timeout=0.2)
+            break
+        except queue.Full:
+            continue
+    writer.join(timeout=max(0.0, deadline - time.monotonic()))
     writer.abort_all()
 
 
