@@ -147,8 +147,10 @@ def _split_exts(value: Optional[str]) -> Optional[tuple]:
 
 @app.command()
 def extract(
-    roots: List[Path] = typer.Argument(None, metavar="ROOT...", help="Image folders to walk (recursively)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder for shards, manifest and failures."),
+    # str, not Path: Path("") is ".", so an empty --out (an unset shell variable) would
+    # silently write into the current folder.
+    roots: List[str] = typer.Argument(None, metavar="ROOT...", help="Image folders to walk (recursively)."),
+    out: str = typer.Option(..., "--out", "-o", help="Output folder for shards, manifest and failures."),
     model: str = typer.Option("openai/clip-vit-large-patch14-336", "--model", help="Hub name or local checkpoint folder (CLIP or SigLIP)."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
     layer: int = typer.Option(-2, "--layer", help="Hidden layer (LLaVA's mm_vision_select_layer); negative counts from the end."),
@@ -240,7 +242,7 @@ def extract(
                 f"{_human_bytes(summary.bytes_written)} written to {out}"
             )
         if failures:
-            msg += f"; {failures:,} failures listed in {out / 'failures.jsonl'}"
+            msg += f"; {failures:,} failures listed in {Path(out) / 'failures.jsonl'}"
         if not summary.complete and summary.world == 1:
             msg += " (incomplete: rerun to finish)"
         typer.echo(f"clipfeat: {msg}", err=True)

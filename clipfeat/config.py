@@ -72,6 +72,8 @@ class ExtractConfig:
         """Raise ConfigError naming the first bad value and the fix; return self."""
         if not self.out:
             raise ConfigError("no output folder given: pass --out DIR")
+        if any(not r for r in self.roots):
+            raise ConfigError("an empty ROOT ('') was given: pass an existing image folder")
         if self.feature not in FEATURES:
             raise ConfigError(f"--feature {self.feature!r} is not one of {', '.join(FEATURES)}")
         if self.aspect not in ASPECTS:
