@@ -1,0 +1,319 @@
+"""LLaVA drop-in: train on precomputed features instead of running the vision tower.
+
+- ``PrecomputedVisionTower(store, expect_layer=-2, expect_feature="patch", ...)`` has the
+  properties LLaVA reads from ``CLIPVisionTower`` (``hidden_size``, ``num_patches``,
+  ``config``, ``dtype``, ``device``, ``dummy_feature``, ...) and a ``forward`` that takes the
+  features (what the dataset now yields instead of pixel values) and returns them on the
+  module's device and dtype, so ``encode_images`` and the projector work unchanged.
+- ``LlavaFeatureDataset(json_or_samples, store)`` yields each sample with its
+  ``image_features`` looked up by the sample's exact ``image`` string.
+- ``check_compatible(meta, layer=..., feature=..., aspect=..., model=...)`` refuses a store
+  made with other settings, naming both values.
+
+``torch`` is imported only when the tower class is first used (``import clipfeat.llava``
+stays light).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
+
+from clipfeat.errors import ConfigError, StoreError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from clipfeat.store import FeatureStore
+
+__all__ = ["LlavaFeatureDataset", "PrecomputedVisionTower", "check_compatible"]  # noqa: F822
+
+# LLaVA's image_aspect_ratio values that mean "the image processor's own resize/crop".
+_PLAIN_ASPECTS = {"square", "crop", "resize", "center_crop", "default", "none", "", "plain"}
+
+
+def _canonical_aspect(value: Any) -> str:
+    text = "none" if value is None else str(value).strip().lower()
+    return "plain" if text in _PLAIN_ASPECTS else text
+
+
+def _same_model(want: str, have: str) -> bool:
+    a, b = str(want).rstrip("/\\"), str(have).rstrip("/\\")
+    if a == b:
+        return True
+    # A local copy of a hub model ("/models/clip-vit-large-patch14-336") matches its
+    # hub name ("openai/clip-vit-large-patch14-336") by the last path component.
+    local = any(s.startswith(("/", ".", "~")) or os.path.isdir(s) for s in (a, b))
+    return local and os.path.basename(a) == os.path.basename(b)
+
+
+def check_compatible(
+    meta: dict,
+    *,
+    layer: int | None = None,
+    feature: str | None = None,
+    aspect: str | None = None,
+    model: str | None = None,
+) -> None:
+    """Raise StoreError unless the store described by ``meta`` (``FeatureStore.meta``) was
+    made with the given settings; ``None`` skips a check. ``layer`` matches either the
+    layer as given at extraction (``-2``) or its resolved ``hidden_states`` index."""
+    problems = []
+    if layer is not None:
+        have = [meta.get("layer"), meta.get("layer_index")]
+        if all(v is None for v in have):
+            problems.append(f"expected layer {layer} but the store does not record its layer")
+        elif int(layer) not in [int(v) for v in have if v is not None]:
+            problems.append(
+                f"store features come from layer {meta.get('layer')} (hidden_states"
+                f"[{meta.get('layer_index')}]) but layer {layer} was expected "
+                f"(mm_vision_select_layer): re-extract with --layer {layer}")
+    if feature is not None and meta.get("feature") != feature:
+        problems.append(
+            f"store features are {meta.get('feature')!r} but {feature!r} was expected "
+            f"(mm_vision_select_feature): re-extract with --feature {feature}")
+    if aspect is not None and _canonical_aspect(meta.get("aspect")) != _canonical_aspect(aspect):
+        problems.append(
+            f"store images were preprocessed with aspect {meta.get('aspect')!r} but "
+            f"{aspect!r} was expected (image_aspect_ratio): re-extract with the matching "
+            "--aspect")
+    if model is not None and not _same_model(model, str(meta.get("model"))):
+        problems.append(
+            f"store features come from model {meta.get('model')!r} but {model!r} was "
+            "expected (mm_vision_tower)")
+    if problems:
+        raise StoreError("incompatible feature store: " + "; ".join(problems))
+
+
+def _open_store(store: FeatureStore | str | os.PathLike) -> FeatureStore:
+    from clipfeat.store import FeatureStore
+
+    if isinstance(store, FeatureStore):
+        return store
+    if isinstance(store, (str, os.PathLike)):
+        return FeatureStore(store)
+    raise ConfigError(f"expected a FeatureStore or an OUT folder, not {type(store).__name__}")
+
+
+_TOWER_CLASS = None
+
+
+def _tower_class():
+    """Build the nn.Module subclass on first use, so importing this module needs no torch."""
+    global _TOWER_CLASS
+    if _TOWER_CLASS is not None:
+        return _TOWER_CLASS
+    import torch
+    from torch import nn
+
+    class PrecomputedVisionTower(nn.Module):
+        """A vision tower whose output was computed by ``clipfeat extract``.
+
+        ``forward(features)`` takes what the dataset yields (a (B, P, D) tensor, or a list
+        of (P, D) / (1, P, D) tensors) and returns it on this module's device and dtype —
+        a list in gives a list of (1, P, D) out, like LLaVA's ``CLIPVisionTower``.
+        """
+
+        is_loaded = True
+        image_processor = None
+
+        def __init__(
+            self,
+            store: FeatureStore | str | os.PathLike,
+            *,
+            expect_layer: int | None = None,
+            expect_feature: str | None = None,
+            expect_aspect: str | None = None,
+            expect_model: str | None = None,
+        ) -> None:
+            super().__init__()
+            self.store = _open_store(store)
+            meta = self.store.meta
+            check_compatible(meta, layer=expect_layer, feature=expect_feature,
+                             aspect=expect_aspect, model=expect_model)
+            tokens, hidden = self.store.shape
+            image_size = meta.get("image_size")
+            patch_size = meta.get("patch_size")
+            self.vision_tower_name = meta.get("model")
+            self.select_layer = meta.get("layer")
+            self.select_feature = meta.get("feature")
+            self.tokens = int(tokens)
+            self.config = SimpleNamespace(
+                hidden_size=int(hidden),
+                image_size=int(image_size) if image_size is not None else None,
+                patch_size=int(patch_size) if patch_size is not None else None,
+                model_type=meta.get("model_type"),
+                name_or_path=meta.get("model"),
+            )
+            store_dtype = torch.float32 if str(self.store.dtype) == "float32" else torch.float16
+            # Zero-size buffer: follows .to(device, dtype) so forward knows where to go.
+            self.register_buffer("_anchor", torch.zeros(0, dtype=store_dtype), persistent=False)
+
+        # -- CLIPVisionTower API
+
+        def load_model(self, *args: Any, **kwargs: Any) -> None:
+            """No-op: there are no weights to load."""
+
+        @property
+        def dtype(self) -> torch.dtype:
+            return self._anchor.dtype
+
+        @property
+        def device(self) -> torch.device:
+            return self._anchor.device
+
+        @property
+        def hidden_size(self) -> int:
+            return self.config.hidden_size
+
+        @property
+        def num_patches_per_side(self) -> int:
+            if self.config.image_size and self.config.patch_size:
+                return self.config.image_size // self.config.patch_size
+            grid = int(round(self.tokens ** 0.5))  # cls_patch stores one extra token
+            return grid if grid * grid == self.tokens else int(round((self.tokens - 1) ** 0.5))
+
+        @property
+        def num_patches(self) -> int:
+            return self.num_patches_per_side ** 2
+
+        @property
+        def dummy_feature(self) -> torch.Tensor:
+            return torch.zeros(1, self.hidden_size, device=self.device, dtype=self.dtype)
+
+        def _place(self, t: torch.Tensor) -> torch.Tensor:
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"expected precomputed feature tensors, got {type(t).__name__}")
+            if t.shape[-1] != self.hidden_size:
+                raise ValueError(
+                    f"features have hidden size {t.shape[-1]} but the store's is "
+                    f"{self.hidden_size}: the dataset is not yielding this store's features")
+            return t.to(device=self.device, dtype=self.dtype)
+
+        def forward(self, features):
+            if isinstance(features, (list, tuple)):
+                out = []
+                for t in features:
+                    t = self._place(t)
+                    if t.ndim == 2:
+                        t = t.unsqueeze(0)
+                    if t.ndim != 3 or t.shape[0] != 1:
+                        raise ValueError(f"list items must be (P, D) or (1, P, D), got "
+                                         f"{tuple(t.shape)}")
+                    out.append(t)
+                return out
+            t = self._place(features)
+            if t.ndim == 2:
+                t = t.unsqueeze(0)
+            if t.ndim != 3:
+                raise ValueError(f"expected (B, P, D) features, got {tuple(t.shape)}")
+            return t
+
+        def lookup(self, keys):
+            """Features of one key ((P, D)) or of a list of keys ((k, P, D)), placed on
+            this module's device and dtype."""
+            if isinstance(keys, str):
+                return self.store[keys].to(device=self.device, dtype=self.dtype)
+            return self.store.get_many(list(keys)).to(device=self.device, dtype=self.dtype)
+
+        def extra_repr(self) -> str:
+            return (f"store={str(self.store.path)!r}, model={self.vision_tower_name!r}, "
+                    f"layer={self.select_layer}, feature={self.select_feature!r}, "
+                    f"tokens={self.tokens}, hidden_size={self.hidden_size}")
+
+    PrecomputedVisionTower.__module__ = __name__
+    PrecomputedVisionTower.__qualname__ = "PrecomputedVisionTower"
+    _TOWER_CLASS = PrecomputedVisionTower
+    return PrecomputedVisionTower
+
+
+def __getattr__(name: str) -> Any:
+    if name == "PrecomputedVisionTower":
+        return _tower_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def load_llava_samples(data: str | os.PathLike | list) -> list[dict]:
+    """LLaVA training samples from a JSON list, a JSONL file, or a list of dicts."""
+    if isinstance(data, list):
+        samples = data
+    elif isinstance(data, (str, os.PathLike)):
+        path = Path(data)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read the LLaVA data file ({err.strerror})") from err
+        stripped = text.lstrip()
+        try:
+            if stripped.startswith("["):
+                samples = json.loads(text)
+            else:
+                samples = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except ValueError as err:
+            raise ConfigError(f"{path}: not a LLaVA JSON list or JSONL file ({err})") from err
+    else:
+        raise ConfigError(f"expected a JSON/JSONL path or a list of samples, "
+                          f"not {type(data).__name__}")
+    for i, s in enumerate(samples):
+        if not isinstance(s, dict):
+            raise ConfigError(f"sample {i} is a {type(s).__name__}, expected a JSON object")
+    return samples
+
+
+class LlavaFeatureDataset:
+    """LLaVA samples with their image features, for a ``torch.utils.data.DataLoader``.
+
+    ``ds[i]`` is a dict: the sample's own fields plus ``image_features``: a (P, D) tensor
+    when ``image`` is a string, a list of them when it is a list, None for text-only
+    samples. Keys are the exact ``image`` strings (as ``clipfeat extract --llava-json``
+    stores them). Picklable: works with DataLoader workers (fork or spawn).
+    """
+
+    def __init__(self, data: str | os.PathLike | list, store: FeatureStore | str | os.PathLike,
+                 *, image_field: str = "image") -> None:
+        self.samples = load_llava_samples(data)
+        self.store = _open_store(store)
+        self.image_field = image_field
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _features(self, key: Any, i: int):
+        if not isinstance(key, str):
+            raise ConfigError(f"sample {i}: {self.image_field!r} is {key!r}, expected a string "
+                              "or a list of strings")
+        try:
+            return self.store[key]
+        except KeyError:
+            sid = self.samples[i].get("id")
+            raise KeyError(
+                f"image {key!r} of sample {i}" + (f" (id {sid!r})" if sid is not None else "")
+                + f" is not in the feature store {self.store.path}: extract it, or check "
+                "that the store was made from this JSON") from None
+
+    def __getitem__(self, i: int) -> dict:
+        sample = self.samples[i]
+        out = dict(sample)
+        image = sample.get(self.image_field)
+        if image is None:
+            out["image_features"] = None
+        elif isinstance(image, (list, tuple)):
+            out["image_features"] = [self._features(k, i) for k in image]
+        else:
+            out["image_features"] = self._features(image, i)
+        return out
+
+    def keys_needed(self) -> list[str]:
+        """Every image key the samples refer to, first occurrence order, no repeats."""
+        seen: dict[str, None] = {}
+        for s in self.samples:
+            image = s.get(self.image_field)
+            for k in (image if isinstance(image, (list, tuple)) else [image]):
+                if isinstance(k, str):
+                    seen.setdefault(k, None)
+        return list(seen)
+
+    def missing_keys(self) -> list[str]:
+        """Image keys the samples need that the store lacks (check before training)."""
+        return [k for k in self.keys_needed() if k not in self.store]

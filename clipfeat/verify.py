@@ -1,0 +1,563 @@
+"""``clipfeat verify``: check that a store is sound, optionally against a fresh extraction.
+
+Checks, each problem naming the file: manifest.json present and parseable; every listed
+shard exists, has the size the manifest recorded and opens; no finished shard missing
+from the manifest; ``features``/``keys``/``failures`` agree with each other, with the
+manifest and with the shard's attributes; settings agree across shards and with the
+manifest config; keys unique across shards; the whole-file checksum in each shard's user
+block still matches (catches truncation and a flipped byte anywhere, raw float data
+included); failures.jsonl parses. Rows are scanned for NaN/Inf (in memory-bounded blocks)
+only when a shard's checksum does not match: an intact shard holds exactly the bytes the
+writer committed, and the writer refuses non-finite values.
+With ``model`` and ``sample > 0``, K random rows are re-extracted and compared.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clipfeat.errors import ClipfeatError, StoreError
+from clipfeat.store import (
+    FAILURES,
+    MANIFEST,
+    META_DIR,
+    PARTIAL_SUFFIX,
+    PER_SHARD_ATTRS,
+    PLAN_FILE,
+    SHARD_PREFIX,
+    STORE_DTYPES,
+    ShardInfo,
+    _key_bytes,
+    _key_hash,
+    _key_str,
+    _open_h5,
+    _seq_sha256,
+    check_shard_bytes,
+    decode_attr,
+    encode_attr,
+    list_shard_files,
+    load_index,
+    parse_shard_id,
+    planned_chunks,
+    read_manifest,
+    shard_checksum,
+)
+
+log = logging.getLogger(__name__)
+
+BLOCK_BYTES = 64 * 1024 * 1024  # features are read in blocks of about this size
+MAX_LISTED = 10  # duplicate keys / bad rows listed per kind before "and N more"
+
+
+@dataclass
+class VerifyReport:
+    """Outcome of ``verify_store``: ``ok`` when no problem was found."""
+
+    path: str
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    checked_shards: int = 0
+    checked_rows: int = 0
+    sampled: int = 0
+    max_sample_error: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when the store is sound (no problems; notes do not count)."""
+        return not self.problems
+
+    def to_dict(self) -> dict:
+        """JSON-able form (for ``--json``)."""
+        return {
+            "path": self.path,
+            "ok": self.ok,
+            "problems": list(self.problems),
+            "notes": list(self.notes),
+            "checked_shards": self.checked_shards,
+            "checked_rows": self.checked_rows,
+            "sampled": self.sampled,
+            "max_sample_error": self.max_sample_error,
+        }
+
+    def format(self) -> str:
+        """Human-readable report: a verdict line, then problems, then notes."""
+        what = f"{self.checked_rows} rows in {self.checked_shards} shards"
+        if self.sampled:
+            what += f", {self.sampled} rows re-extracted"
+            if self.max_sample_error is not None:
+                what += f" (max relative error {self.max_sample_error:.2e})"
+        if self.ok:
+            lines = [f"OK: {self.path}: {what} checked, no problems"]
+        else:
+            n = len(self.problems)
+            lines = [f"FAILED: {self.path}: {n} problem{'s' if n != 1 else ''} ({what} checked)"]
+            lines += [f"  problem: {p}" for p in self.problems]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _same_setting(stored: Any, configured: Any) -> bool:
+    """Does a shard attribute value match the manifest config value?"""
+    try:
+        if encode_attr(configured) == stored:
+            return True
+    except ClipfeatError:
+        pass
+    if isinstance(stored, str) and isinstance(configured, (dict, list, tuple)):
+        try:
+            return json.loads(stored) == json.loads(json.dumps(configured, default=str))
+        except ValueError:
+            return False
+    return False
+
+
+def _sample_tolerance(meta: dict) -> float:
+    """Relative L2 error allowed between stored and re-extracted features."""
+    compute = str(meta.get("compute_dtype", "float16")).lower()
+    store = str(meta.get("store_dtype", "float16")).lower()
+    if compute in ("bfloat16", "bf16"):
+        return 3e-2
+    if store in ("float16", "fp16", "half") or compute in ("float16", "fp16", "half"):
+        return 1e-2
+    return 1e-4
+
+
+class _ShardResult:
+    """What one shard contributed: settings, key hashes, rows."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.settings: dict[str, Any] | None = None
+        self.hashes: list[int] = []
+        self.rows = 0
+        self.readable = False
+
+
+def _check_shard(out: Path, name: str, entry: dict | None, config: dict,
+                 problems: list[str]) -> _ShardResult:
+    res = _ShardResult(name)
+    path = out / name
+    sid = parse_shard_id(name)
+    size = path.stat().st_size
+    if entry is not None and entry.get("bytes") and int(entry["bytes"]) != size:
+        problems.append(
+            f"{name}: {size} bytes on disk but manifest.json recorded {entry['bytes']} "
+            "(truncated or modified); delete it and rerun the extract command to redo it"
+        )
+    try:
+        damage = check_shard_bytes(path)
+        recorded = shard_checksum(path)
+    except OSError as err:
+        problems.append(f"{name}: cannot be read ({_first_line(err)})")
+        return res
+    if damage is not None:
+        problems.append(f"{name}: {damage}; delete it and rerun the extract command to redo it")
+    elif entry is not None and entry.get("checksum") and recorded and (
+            recorded[0] != entry["checksum"]):
+        problems.append(f"{name}: not the file manifest.json lists (checksum differs); "
+                        "delete it and rerun the extract command to redo it")
+    # An intact checksum means the bytes are those the writer committed, and the writer
+    # refuses NaN/Inf: the row-by-row scan below is then only needed without one.
+    intact = damage is None
+    try:
+        f = _open_h5(path)
+    except OSError as err:
+        problems.append(f"{name}: cannot be opened as HDF5 ({_first_line(err)}); delete it "
+                        "and rerun the extract command to redo it")
+        return res
+    try:
+        with f:
+            _check_contents(f, name, sid, entry, config, intact, res, problems)
+    except Exception as err:  # noqa: BLE001 - h5py raises many types for damaged files
+        problems.append(f"{name}: damaged HDF5 structure ({type(err).__name__}: "
+                        f"{_first_line(err)}); delete it and rerun the extract command to "
+                        "redo it")
+    return res
+
+
+def _check_contents(f, name: str, sid: int | None, entry: dict | None, config: dict,
+                    intact: bool, res: _ShardResult, problems: list[str]) -> None:
+    import numpy as np
+    import torch
+
+    attrs = {k: decode_attr(v) for k, v in f.attrs.items()}
+    missing = [d for d in ("features", "keys") if d not in f]
+    if missing:
+        problems.append(f"{name}: dataset(s) {missing} missing")
+        return
+    ds, kds = f["features"], f["keys"]
+    if ds.ndim != 3 or kds.ndim != 1:
+        problems.append(f"{name}: features shape {ds.shape} / keys shape {kds.shape} "
+                        "are not (n, tokens, hidden) / (n,)")
+        return
+    n = int(ds.shape[0])
+    res.rows = n
+    if kds.shape[0] != n:
+        problems.append(f"{name}: {kds.shape[0]} keys for {n} feature rows")
+    if "num_rows" in attrs and int(attrs["num_rows"]) != n:
+        problems.append(f"{name}: attribute num_rows={attrs['num_rows']} but {n} rows")
+    if entry is not None and int(entry.get("num_rows", -1)) != n:
+        problems.append(f"{name}: {n} rows but manifest.json lists {entry.get('num_rows')}")
+    if sid is not None and "shard_id" in attrs and int(attrs["shard_id"]) != sid:
+        problems.append(f"{name}: attribute shard_id={attrs['shard_id']} does not match "
+                        "the file name")
+    tokens, hidden = int(ds.shape[1]), int(ds.shape[2])
+    dtype_name = {np.dtype("float16"): "float16", np.dtype("float32"): "float32"}.get(
+        ds.dtype, str(ds.dtype))
+    for label, have, keys in (("tokens", tokens, ("tokens",)),
+                              ("hidden size", hidden, ("hidden_size",)),
+                              ("dtype", dtype_name, ("store_dtype",))):
+        for src_name, src in (("attribute", attrs), ("manifest config", config)):
+            for k in keys:
+                if k in src and src[k] is not None and src[k] != have:
+                    problems.append(f"{name}: features have {label} {have} but the "
+                                    f"{src_name} {k} is {src[k]!r}")
+    if dtype_name not in STORE_DTYPES:
+        problems.append(f"{name}: features dtype {ds.dtype} is not float16/float32")
+
+    # keys
+    try:
+        raw_keys = [r if isinstance(r, bytes) else _key_bytes(r) for r in kds[...]]
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        problems.append(f"{name}: keys unreadable ({_first_line(err)})")
+        raw_keys = []
+    else:
+        want = attrs.get("keys_sha256")
+        if want is not None and _seq_sha256(raw_keys) != want:
+            problems.append(f"{name}: keys checksum mismatch (keys changed since the "
+                            "shard was written); delete it and rerun to redo it")
+        res.hashes = [_key_hash(r) for r in raw_keys]
+
+    # failures
+    nfail = 0
+    if "failures" in f:
+        try:
+            raw_fail = [r if isinstance(r, bytes) else _key_bytes(r)
+                        for r in f["failures"][...]]
+            nfail = len(raw_fail)
+            for r in raw_fail:
+                rec = json.loads(_key_str(r))
+                if not isinstance(rec, dict) or "key" not in rec or "error" not in rec:
+                    raise ValueError(f"bad failure record {rec!r}")
+            want = attrs.get("failures_sha256")
+            if want is not None and _seq_sha256(raw_fail) != want:
+                problems.append(f"{name}: failures checksum mismatch")
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            problems.append(f"{name}: failure records unreadable ({_first_line(err)})")
+    if "num_failures" in attrs and int(attrs["num_failures"]) != nfail:
+        problems.append(f"{name}: attribute num_failures={attrs['num_failures']} but "
+                        f"{nfail} failure records")
+    if entry is not None and int(entry.get("num_failures", nfail)) != nfail:
+        problems.append(f"{name}: {nfail} failure records but manifest.json lists "
+                        f"{entry.get('num_failures')}")
+
+    # features: readable and finite, in memory-bounded blocks
+    row_bytes = max(tokens * hidden * ds.dtype.itemsize, 1)
+    block = max(1, BLOCK_BYTES // row_bytes)
+    bad_rows: list[int] = []
+    readable = True
+    for start in range(0, 0 if intact else n, block):
+        stop = min(n, start + block)
+        try:
+            data = np.ascontiguousarray(ds[start:stop])
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            problems.append(f"{name}: rows {start}..{stop - 1} unreadable "
+                            f"({_first_line(err)}); delete it and rerun to redo it")
+            readable = False
+            break
+        t = torch.from_numpy(data)
+        if t.numel():
+            lo, hi = (float(v) for v in t.aminmax())
+            if not (np.isfinite(lo) and np.isfinite(hi)):
+                finite = torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
+                bad_rows.extend(start + int(i) for i in torch.nonzero(~finite).flatten())
+    if bad_rows:
+        listed = ", ".join(str(r) for r in bad_rows[:MAX_LISTED])
+        problems.append(f"{name}: NaN/Inf in {len(bad_rows)} rows ({listed}"
+                        f"{', ...' if len(bad_rows) > MAX_LISTED else ''})")
+    res.readable = readable
+    res.settings = {k: v for k, v in attrs.items() if k not in PER_SHARD_ATTRS}
+
+
+def _check_settings(results: list[_ShardResult], config: dict, problems: list[str]) -> None:
+    ref = next((r for r in results if r.settings is not None), None)
+    if ref is None:
+        return
+    for res in results:
+        if res.settings is None or res is ref:
+            continue
+        keys = set(ref.settings) | set(res.settings)
+        diff = sorted(k for k in keys if ref.settings.get(k) != res.settings.get(k))
+        if diff:
+            k = diff[0]
+            problems.append(f"{res.name}: attribute {k}={res.settings.get(k)!r} differs from "
+                            f"{ref.name} ({ref.settings.get(k)!r})"
+                            + (f" and {len(diff) - 1} more" if len(diff) > 1 else ""))
+    for k in sorted(set(ref.settings) & set(config)):
+        if not _same_setting(ref.settings[k], config[k]):
+            problems.append(f"{ref.name}: attribute {k}={ref.settings[k]!r} differs from "
+                            f"manifest.json config ({config[k]!r})")
+
+
+def _check_duplicates(out: Path, results: list[_ShardResult], problems: list[str]) -> None:
+    import numpy as np
+
+    hashes = [np.asarray(r.hashes, dtype=np.uint64) for r in results]
+    if not hashes:
+        return
+    all_h = np.concatenate(hashes)
+    owner = np.concatenate([np.full(len(h), i, dtype=np.int64) for i, h in enumerate(hashes)])
+    row = np.concatenate([np.arange(len(h), dtype=np.int64) for h in hashes])
+    order = np.argsort(all_h, kind="stable")
+    sorted_h = all_h[order]
+    dup = np.nonzero(sorted_h[1:] == sorted_h[:-1])[0]
+    if not len(dup):
+        return
+    key_cache: dict[int, list[bytes]] = {}
+
+    def key_of(i: int) -> bytes:
+        shard = int(owner[order[i]])
+        if shard not in key_cache:
+            with _open_h5(out / results[shard].name) as f:
+                key_cache[shard] = [r if isinstance(r, bytes) else _key_bytes(r)
+                                    for r in f["keys"][...]]
+        return key_cache[shard][int(row[order[i]])]
+
+    found = 0
+    for i in dup.tolist():
+        a, b = key_of(i), key_of(i + 1)
+        if a != b:
+            continue  # 64-bit hash collision of two different keys
+        found += 1
+        if found <= MAX_LISTED:
+            ra, rb = results[int(owner[order[i]])], results[int(owner[order[i + 1]])]
+            problems.append(f"{rb.name}: key {_key_str(a)!r} duplicated (row "
+                            f"{int(row[order[i + 1]])}; also {ra.name} row "
+                            f"{int(row[order[i]])})")
+    if found > MAX_LISTED:
+        problems.append(f"{found - MAX_LISTED} more duplicated keys")
+
+
+def _check_failures_file(out: Path, man: dict | None, problems: list[str]) -> None:
+    path = out / FAILURES
+    if not path.is_file():
+        if man is not None:
+            problems.append(f"{FAILURES}: missing")
+        return
+    count = 0
+    with open(path, encoding="utf-8", errors="surrogateescape") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                if not isinstance(rec, dict) or not all(k in rec for k in ("key", "path", "error")):
+                    raise ValueError("not an object with key, path, error")
+            except ValueError as err:
+                problems.append(f"{FAILURES}: line {lineno} does not parse ({_first_line(err)})")
+                return
+            count += 1
+    if man is not None and int(man.get("num_failures", count)) != count:
+        problems.append(f"{FAILURES}: {count} records but manifest.json counts "
+                        f"{man.get('num_failures')}")
+
+
+def _plan_paths(out: Path, keys: set[str]) -> dict[str, str]:
+    found: dict[str, str] = {}
+    path = out / META_DIR / PLAN_FILE
+    with open(path, encoding="utf-8", errors="surrogateescape") as fh:
+        fh.readline()  # header
+        for line in fh:
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            key = rec.get("key", rec.get("k"))  # plan.py writes short names (k, p)
+            if key in keys:
+                found[key] = rec.get("path", rec.get("p"))
+                if len(found) == len(keys):
+                    break
+    return found
+
+
+def _sample(out: Path, report: VerifyReport, entries: list[dict], config: dict, *,
+            model: str, sample: int, device: str, seed: int) -> None:
+    import numpy as np
+
+    try:
+        from clipfeat.pipeline import compute_features
+    except ImportError as err:
+        raise ClipfeatError(
+            f"cannot re-extract samples: clipfeat.pipeline.compute_features unavailable ({err})"
+        ) from err
+    counts = [int(e.get("num_rows", 0)) for e in entries]
+    total = sum(counts)
+    if total == 0:
+        report.notes.append("no rows to sample")
+        return
+    rng = np.random.default_rng(seed)
+    picks = np.sort(rng.choice(total, size=min(sample, total), replace=False))
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    chosen: list[tuple[str, str, Any]] = []  # (key, shard file, stored float32 row)
+    for p in picks.tolist():
+        idx = int(np.searchsorted(starts, p, side="right")) - 1
+        name, r = entries[idx]["file"], p - int(starts[idx])
+        try:
+            with _open_h5(out / name) as f:
+                key = _key_str(f["keys"][r])
+                stored = np.asarray(f["features"][r], dtype=np.float32)
+        except (OSError, KeyError, ValueError, RuntimeError) as err:
+            report.problems.append(f"{name}: cannot read sampled row {r} ({_first_line(err)})")
+            continue
+        chosen.append((key, name, stored))
+    plan_path = out / META_DIR / PLAN_FILE
+    if not plan_path.is_file():
+        report.problems.append(f"{META_DIR}/{PLAN_FILE}: missing, cannot find the images of "
+                               "sampled rows")
+        return
+    paths = _plan_paths(out, {k for k, _, _ in chosen})
+    items = []
+    for key, name, _ in chosen:
+        if paths.get(key) is None:
+            report.problems.append(f"{name}: sampled key {key!r} is not in {PLAN_FILE}")
+        else:
+            items.append((key, paths[key]))
+    if not items:
+        return
+    fresh = compute_features(items, config, model=model, device=device)
+    tol = _sample_tolerance(config)
+    worst = 0.0
+    for key, name, stored in chosen:
+        if key not in paths:
+            continue
+        ref = fresh.get(key)
+        report.sampled += 1
+        if ref is None or isinstance(ref, str):
+            report.problems.append(f"{name}: re-extracting {key!r} failed ({ref or 'no result'})")
+            continue
+        ref = np.asarray(ref, dtype=np.float32)
+        if ref.shape != stored.shape:
+            report.problems.append(f"{name}: {key!r} re-extracted with shape {ref.shape}, "
+                                   f"stored {stored.shape} (different model or feature?)")
+            continue
+        err = float(np.linalg.norm(stored - ref) / max(float(np.linalg.norm(ref)), 1e-12))
+        worst = max(worst, err)
+        if not err <= tol:
+            report.problems.append(
+                f"{name}: {key!r} differs from a fresh extraction with {model} (relative error "
+                f"{err:.2e} > {tol:.0e}; max abs diff {float(np.abs(stored - ref).max()):.3g}): "
+                "made with another model, layer or preprocessing?")
+    report.max_sample_error = worst
+
+
+def verify_store(
+    out_dir: str | os.PathLike,
+    *,
+    model: str | None = None,
+    sample: int = 0,
+    device: str = "cpu",
+    seed: int = 0,
+) -> VerifyReport:
+    """Check the store in ``out_dir``; return a report (``report.ok``; the CLI exits 1
+    unless ok). With ``model`` and ``sample > 0`` also re-extract ``sample`` random rows."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise StoreError(f"{out}: not a folder; pass the OUT folder of clipfeat extract")
+    report = VerifyReport(path=str(out))
+    problems = report.problems
+    man: dict | None
+    try:
+        man = read_manifest(out)
+    except StoreError as err:
+        problems.append(f"{MANIFEST}: {err}".replace(f"{out / MANIFEST}: ", ""))
+        man = None
+    config = dict((man or {}).get("config") or {})
+    complete = bool((man or {}).get("complete"))
+    on_disk = list_shard_files(out)
+
+    entries: list[dict] = []
+    if man is not None:
+        seen: set[str] = set()
+        for e in man["shards"]:
+            if not isinstance(e, dict) or "file" not in e or "num_rows" not in e:
+                problems.append(f"{MANIFEST}: bad shard entry {e!r}")
+                continue
+            if e["file"] in seen:
+                problems.append(f"{MANIFEST}: {e['file']} listed twice")
+                continue
+            seen.add(e["file"])
+            if parse_shard_id(e["file"]) is None:
+                problems.append(f"{MANIFEST}: {e['file']!r} is not a shard file name")
+                continue
+            if not (out / e["file"]).is_file():
+                problems.append(f"{e['file']}: listed in {MANIFEST} but missing; rerun the "
+                                "extract command to redo it")
+                continue
+            entries.append(e)
+        listed = {e["file"] for e in man["shards"] if isinstance(e, dict) and "file" in e}
+        stray = [p.name for p in on_disk.values() if p.name not in listed]
+        for name in stray:
+            msg = (f"{name}: finished shard not listed in {MANIFEST}; rerun the extract "
+                   "command to resume, which lists it")
+            (problems if complete else report.notes).append(msg)
+        totals = {
+            "num_images": sum(int(e["num_rows"]) for e in man["shards"] if isinstance(e, dict)
+                              and "num_rows" in e),
+            "num_shards": len(man["shards"]),
+        }
+        for k, v in totals.items():
+            if k in man and int(man[k]) != v:
+                problems.append(f"{MANIFEST}: {k}={man[k]} but its shard list adds up to {v}")
+    else:
+        stray = []
+
+    by_name = {e["file"]: e for e in entries}
+    names = [e["file"] for e in entries] + stray if man is not None else [
+        p.name for p in on_disk.values()]
+    results: list[_ShardResult] = []
+    for name in names:
+        res = _check_shard(out, name, by_name.get(name), config, problems)
+        results.append(res)
+        report.checked_shards += 1
+        report.checked_rows += res.rows
+    _check_settings(results, config, problems)
+    _check_duplicates(out, results, problems)
+    _check_failures_file(out, man, problems)
+
+    partials = [p for p in os.listdir(out)
+                if p.startswith(SHARD_PREFIX) and p.endswith(PARTIAL_SUFFIX)]
+    if partials:
+        report.notes.append(f"{len(partials)} unfinished shard(s) (*{PARTIAL_SUFFIX}) from an "
+                            "interrupted run; the next extract run removes them")
+    if man is not None:
+        if not complete:
+            total = planned_chunks(out, man.get("plan") or {})
+            report.notes.append(
+                "store is incomplete: " + (f"{len(entries)} of {total} shards finished; "
+                                           if total is not None else "")
+                + "rerun the extract command to finish it")
+        else:
+            shards = [ShardInfo.from_manifest(e) for e in entries]
+            if len(shards) == len(man["shards"]) and load_index(out, shards) is None:
+                report.notes.append("key index missing or stale: FeatureStore will read the "
+                                    "keys of every shard when it opens")
+
+    if model and sample > 0:
+        if man is None:
+            problems.append("cannot sample rows without a readable manifest.json")
+        else:
+            _sample(out, report, [e for e in entries if e["file"] in
+                                  {r.name for r in results if r.readable}],
+                    config, model=model, sample=sample, device=device, seed=seed)
+    elif sample > 0:
+        report.notes.append("--sample needs --model to re-extract rows; skipped")
+    return report

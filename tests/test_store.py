@@ -1,0 +1,663 @@
+"""Store: atomic ShardWriter, finalize (manifest/failures/index), FeatureStore reader."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from clipfeat import store as store_mod
+from clipfeat.errors import ConfigError, ExtractionError, StoreError
+from clipfeat.store import (
+    FeatureStore,
+    ShardWriter,
+    describe_store,
+    finalize,
+    format_store,
+    parse_shard_id,
+    remove_partials,
+    scan_shards,
+    shard_name,
+)
+
+TOKENS, HIDDEN = 4, 8
+
+
+def meta_for(store_dtype: str, **extra) -> dict:
+    meta = {
+        "model": "openai/clip-vit-large-patch14-336", "model_revision": None,
+        "model_type": "clip", "family": "clip", "layer": -2, "layer_index": 23,
+        "feature": "patch", "aspect": "pad", "image_size": 28, "patch_size": 14,
+        "hidden_size": HIDDEN, "tokens": TOKENS, "compute_dtype": "float16",
+        "store_dtype": store_dtype, "preprocessing": {"mean": [0.5, 0.5, 0.5], "size": 28},
+        "exif_transpose": False,
+    }
+    meta.update(extra)
+    return meta
+
+
+def make_store(out: Path, *, store_dtype: str = "float16", rows=(5, 0, 3), seed: int = 0,
+               complete: bool = True, keys=None):
+    """Write shards with random features (shard 1 is all failures), then finalize.
+    Returns (expected {key: array in store dtype}, failure records in order)."""
+    rng = np.random.default_rng(seed)
+    meta = meta_for(store_dtype)
+    attrs = {k: v for k, v in meta.items()}
+    expected: dict[str, np.ndarray] = {}
+    failures: list[dict] = []
+    infos = []
+    counter = 0
+    for sid, n in enumerate(rows):
+        with ShardWriter(out, sid, tokens=TOKENS, hidden=HIDDEN, store_dtype=store_dtype,
+                         attrs=attrs, expected_rows=n + 1) as w:
+            for start in range(0, n, 2):
+                b = min(2, n - start)
+                if keys is None:
+                    ks = [f"dir{sid}/img_{counter + i:03d}.jpg" for i in range(b)]
+                else:
+                    ks = keys[counter:counter + b]
+                counter += b
+                x = (rng.standard_normal((b, TOKENS, HIDDEN)) * 10).astype(np.float32)
+                w.append(ks, x)
+                expected.update(zip(ks, x.astype(store_dtype)))
+            recs = [{"key": f"bad{sid}_{j}.jpg", "path": f"/data/bad{sid}_{j}.jpg",
+                     "error": f"cannot identify image file '/data/bad{sid}_{j}.jpg'"}
+                    for j in range(1 if n else 2)]
+            w.add_failures(recs)
+            failures.extend(recs)
+            infos.append(w.commit())
+    finalize(out, meta=meta, plan={"num_items": sum(rows) + len(failures), "num_chunks": len(rows)},
+             shards=infos, complete=complete)
+    return expected, failures
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def test_shard_names_round_trip():
+    assert shard_name(3) == "shard-000003.h5"
+    assert parse_shard_id("shard-000003.h5") == 3
+    assert parse_shard_id("/x/y/shard-1234567.h5") == 1234567
+    assert parse_shard_id("shard-000003.h5.partial") is None
+    assert parse_shard_id("manifest.json") is None
+
+
+# ----------------------------------------------------------------------------- read back
+
+
+@pytest.mark.parametrize("store_dtype", ["float16", "float32"])
+def test_every_row_reads_back(tmp_path, store_dtype):
+    expected, failures = make_store(tmp_path, store_dtype=store_dtype)
+    store = FeatureStore(tmp_path)
+    assert len(store) == len(expected) == 8
+    assert store.keys() == list(expected)  # store order: shard id, then row
+    assert store.index_kind == "array"
+    for key, want in expected.items():
+        assert key in store
+        got = store[key]
+        assert isinstance(got, torch.Tensor)
+        assert got.dtype == getattr(torch, store_dtype)
+        assert got.shape == (TOKENS, HIDDEN)
+        np.testing.assert_array_equal(got.numpy(), want)
+    # int positions follow store order
+    np.testing.assert_array_equal(store[0].numpy(), expected[store.keys()[0]])
+    np.testing.assert_array_equal(store[-1].numpy(), expected[store.keys()[-1]])
+    assert store.key_at(2) == store.keys()[2]
+    order = list(expected)[::-1][:5] + [list(expected)[0]]
+    many = store.get_many(order)
+    assert many.shape == (len(order), TOKENS, HIDDEN)
+    np.testing.assert_array_equal(many.numpy(), np.stack([expected[k] for k in order]))
+    assert store.get_many([]).shape == (0, TOKENS, HIDDEN)
+    assert store.meta["layer"] == -2 and store.meta["store_dtype"] == store_dtype
+    assert [s.num_rows for s in store.shards] == [5, 0, 3]
+    store.close()
+    np.testing.assert_array_equal(store[order[0]].numpy(), expected[order[0]])  # reopens
+
+
+def test_unknown_key_and_bad_index(tmp_path):
+    make_store(tmp_path)
+    store = FeatureStore(tmp_path)
+    with pytest.raises(KeyError, match="nope.jpg"):
+        store["nope.jpg"]
+    with pytest.raises(KeyError, match="nope.jpg"):
+        store.get_many(["dir0/img_000.jpg", "nope.jpg"])
+    assert "nope.jpg" not in store and 3 not in store
+    assert store.get("nope.jpg") is None
+    with pytest.raises(IndexError):
+        store[8]
+    assert store.locate("dir2/img_005.jpg") == (2, 0)
+
+
+def test_manifest_and_failures_file(tmp_path):
+    expected, failures = make_store(tmp_path)
+    man = json.loads((tmp_path / "manifest.json").read_text())
+    assert man["format"] == "clipfeat" and man["format_version"] == 1
+    assert man["complete"] is True
+    assert man["num_images"] == 8 and man["num_failures"] == len(failures) == 4
+    assert man["num_shards"] == 3
+    assert [s["file"] for s in man["shards"]] == [shard_name(i) for i in range(3)]
+    assert [s["num_rows"] for s in man["shards"]] == [5, 0, 3]
+    for s in man["shards"]:
+        assert s["bytes"] == (tmp_path / s["file"]).stat().st_size
+    assert man["config"]["layer"] == -2 and man["plan"]["num_chunks"] == 3
+    lines = (tmp_path / "failures.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line) for line in lines] == failures  # shard order, then chunk order
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+
+
+def test_shard_file_layout(tmp_path):
+    make_store(tmp_path)
+    with h5py.File(tmp_path / "shard-000000.h5", "r") as f:
+        ds = f["features"]
+        assert ds.shape == (5, TOKENS, HIDDEN) and ds.dtype == np.float16
+        assert ds.chunks == (1, TOKENS, HIDDEN) and ds.compression is None
+        assert h5py.check_string_dtype(f["keys"].dtype).encoding == "utf-8"
+        assert list(f["keys"].asstr()[...]) == [f"dir0/img_{i:03d}.jpg" for i in range(5)]
+        recs = [json.loads(s) for s in f["failures"].asstr()[...]]
+        assert recs[0]["key"] == "bad0_0.jpg" and "error" in recs[0]
+        a = f.attrs
+        assert a["shard_id"] == 0 and a["num_rows"] == 5 and a["format_version"] == 1
+        assert a["layer"] == -2 and a["feature"] == "patch" and a["store_dtype"] == "float16"
+        assert a["tokens"] == TOKENS and a["hidden_size"] == HIDDEN
+        assert json.loads(a["preprocessing"]) == {"mean": [0.5, 0.5, 0.5], "size": 28}
+        assert len(a["keys_sha256"]) == 64 and f.userblock_size == 512
+    with h5py.File(tmp_path / "shard-000001.h5", "r") as f:  # every image failed
+        assert f["features"].shape == (0, TOKENS, HIDDEN)
+        assert f["keys"].shape == (0,) and f["failures"].shape == (2,)
+
+
+def test_torch_and_bfloat16_input(tmp_path):
+    x = torch.randn(3, TOKENS, HIDDEN, dtype=torch.bfloat16)
+    with ShardWriter(tmp_path, 0, tokens=TOKENS, hidden=HIDDEN, store_dtype="float32",
+                     attrs={}) as w:
+        w.append(["a", "b", "c"], x)
+        w.commit()
+    finalize(tmp_path, meta={"store_dtype": "float32"}, plan={},
+             shards=scan_shards(tmp_path).values(), complete=True)
+    store = FeatureStore(tmp_path)
+    np.testing.assert_array_equal(store.get_many(["a", "b", "c"]).numpy(), x.float().numpy())
+
+
+def test_surrogate_keys_and_failure_paths(tmp_path):
+    key = "caf\udce9/\u00e9t\u00e9.jpg"  # undecodable byte in a file name + real UTF-8
+    rec = {"key": "x\udcff.png", "path": "/d/x\udcff.png", "error": "cannot identify image file"}
+    with ShardWriter(tmp_path, 0, tokens=TOKENS, hidden=HIDDEN, store_dtype="float16",
+                     attrs={}) as w:
+        w.append([key], np.ones((1, TOKENS, HIDDEN), np.float32))
+        w.add_failures([rec])
+        info = w.commit()
+    finalize(tmp_path, meta={}, plan={}, shards=[info], complete=True)
+    store = FeatureStore(tmp_path)
+    assert store.keys() == [key] and key in store
+    assert float(store[key].sum()) == TOKENS * HIDDEN
+    line = (tmp_path / "failures.jsonl").read_text(encoding="utf-8").strip()
+    assert json.loads(line) == rec
+    assert scan_shards(tmp_path)[0].failures == [rec]
+
+
+def test_hash_collisions_still_resolve(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_mod, "_key_hash", lambda raw: 7)  # every key collides
+    expected, _ = make_store(tmp_path)
+    store = FeatureStore(tmp_path)
+    assert store.index_kind == "array"
+    for key, want in expected.items():
+        np.testing.assert_array_equal(store[key].numpy(), want)
+    assert "dir0/img_999.jpg" not in store
+
+
+# ----------------------------------------------------------------------------- index
+
+
+def test_index_missing_falls_back_to_scan(tmp_path, caplog):
+    expected, _ = make_store(tmp_path)
+    (tmp_path / ".clipfeat" / "index.json").unlink()
+    with caplog.at_level(logging.WARNING, logger="clipfeat.store"):
+        store = FeatureStore(tmp_path)
+        assert store.index_kind == "scan"
+    assert "index" in caplog.text
+    assert store.keys() == list(expected)
+    for key, want in expected.items():
+        np.testing.assert_array_equal(store[key].numpy(), want)
+
+
+def test_stale_index_falls_back_to_scan(tmp_path, caplog):
+    expected, _ = make_store(tmp_path)
+    header_path = tmp_path / ".clipfeat" / "index.json"
+    header = json.loads(header_path.read_text())
+    header["shards"] = header["shards"][:-1]  # made before the last shard existed
+    header_path.write_text(json.dumps(header))
+    with caplog.at_level(logging.WARNING, logger="clipfeat.store"):
+        store = FeatureStore(tmp_path)
+        assert store.index_kind == "scan"
+    assert "stale" in caplog.text
+    assert sorted(store.keys()) == sorted(expected)
+
+
+def test_incomplete_store_is_readable(tmp_path, caplog):
+    expected, _ = make_store(tmp_path, complete=False)
+    assert not (tmp_path / ".clipfeat" / "index.json").exists()
+    with caplog.at_level(logging.WARNING, logger="clipfeat.store"):
+        store = FeatureStore(tmp_path)
+        assert len(store) == 8
+    assert "incomplete" in caplog.text
+    assert not store.complete
+    k = list(expected)[3]
+    np.testing.assert_array_equal(store[k].numpy(), expected[k])
+
+
+def test_refinalize_replaces_index(tmp_path):
+    expected, _ = make_store(tmp_path)
+    infos = list(scan_shards(tmp_path).values())
+    with ShardWriter(tmp_path, 3, tokens=TOKENS, hidden=HIDDEN, store_dtype="float16",
+                     attrs={}) as w:
+        w.append(["late.jpg"], np.full((1, TOKENS, HIDDEN), 2.0, np.float32))
+        infos.append(w.commit())
+    finalize(tmp_path, meta=meta_for("float16"), plan={}, shards=infos, complete=True)
+    dirs = [p for p in os.listdir(tmp_path / ".clipfeat") if p.startswith("index-")]
+    assert len(dirs) == 1  # the old index folder is gone
+    store = FeatureStore(tmp_path)
+    assert store.index_kind == "array" and len(store) == 9
+    assert float(store["late.jpg"].float().mean()) == 2.0
+
+
+def test_open_through_index_reads_no_shard_metadata(tmp_path, monkeypatch):
+    expected, _ = make_store(tmp_path)
+
+    def no_scan(path):
+        raise AssertionError(f"scanned {path}")
+
+    monkeypatch.setattr(store_mod, "_read_layout", no_scan)
+    monkeypatch.setattr(store_mod, "_open_h5", no_scan)
+    store = FeatureStore(tmp_path)
+    for key, want in expected.items():
+        np.testing.assert_array_equal(store[key].numpy(), want)
+
+
+def test_finalize_failure_keeps_the_previous_manifest(tmp_path, monkeypatch):
+    make_store(tmp_path)
+    before = (tmp_path / "manifest.json").read_bytes()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(ExtractionError, match=r"disk full \(ENOSPC\).*failures.jsonl"):
+        finalize(tmp_path, meta={}, plan={}, shards=[], complete=False)
+    monkeypatch.undo()
+    assert (tmp_path / "manifest.json").read_bytes() == before
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+
+
+def test_missing_listed_shard_refused(tmp_path):
+    make_store(tmp_path)
+    (tmp_path / "shard-000002.h5").unlink()
+    with pytest.raises(StoreError, match="shard-000002.h5"):
+        FeatureStore(tmp_path)
+    with pytest.raises(StoreError, match="not a folder"):
+        FeatureStore(tmp_path / "nothing-here")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StoreError, match="manifest"):
+        FeatureStore(tmp_path / "empty")
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def test_pickle_round_trip(tmp_path):
+    expected, _ = make_store(tmp_path)
+    store = FeatureStore(tmp_path)
+    k = list(expected)[1]
+    store[k]  # opens a file handle, which must not be pickled
+    clone = pickle.loads(pickle.dumps(store))
+    np.testing.assert_array_equal(clone[k].numpy(), expected[k])
+    assert clone.keys() == store.keys()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_dataloader_workers(tmp_path, context):
+    expected, _ = make_store(tmp_path, rows=(7, 0, 6, 5))
+    store = FeatureStore(tmp_path)
+    keys = list(expected)
+    store[keys[0]]  # the parent holds open HDF5 handles before workers start
+    order = keys[::-1] + keys[:3]
+    loader = torch.utils.data.DataLoader(
+        store, sampler=order, batch_size=4, num_workers=2,
+        multiprocessing_context=context, persistent_workers=False,
+    )
+    got = torch.cat(list(loader)).numpy()
+    np.testing.assert_array_equal(got, np.stack([expected[k] for k in order]))
+    # int positions work as a plain map-style dataset too
+    loader = torch.utils.data.DataLoader(store, batch_size=5, num_workers=2,
+                                         multiprocessing_context=context)
+    got = torch.cat(list(loader)).numpy()
+    np.testing.assert_array_equal(got, np.stack([expected[k] for k in keys]))
+
+
+def test_file_handle_cache_is_bounded(tmp_path):
+    expected, _ = make_store(tmp_path, rows=(2, 2, 2, 2))
+    store = FeatureStore(tmp_path, max_open_files=2)
+    for key, want in list(expected.items()) * 2:
+        np.testing.assert_array_equal(store[key].numpy(), want)
+        assert len(store._fds) <= 2
+    store.close()
+    assert not store._fds
+
+
+def test_plain_h5py_use_alongside_the_store(tmp_path):
+    """Users open shards with plain h5py (default locking) while a store is in use."""
+    expected, _ = make_store(tmp_path)
+    store = FeatureStore(tmp_path)
+    key = next(iter(expected))
+    first = store[key]
+    with h5py.File(tmp_path / "shard-000000.h5", "r") as f:  # after the store read it
+        np.testing.assert_array_equal(f["features"][0], first.numpy())
+        np.testing.assert_array_equal(store[key].numpy(), f["features"][0])  # both open
+
+
+def test_replaced_shard_is_refused(tmp_path):
+    make_store(tmp_path)
+    other = tmp_path / "other"
+    make_store(other, seed=7)  # same layout and keys, other values
+    store = FeatureStore(tmp_path)
+    os.replace(other / "shard-000002.h5", tmp_path / "shard-000002.h5")
+    store["dir0/img_000.jpg"]  # untouched shard still reads
+    with pytest.raises(StoreError, match="shard-000002.h5.*changed"):
+        store["dir2/img_005.jpg"]
+
+
+def test_shard_with_other_hdf5_layout_is_read_through_h5py(tmp_path):
+    """A shard rewritten by other HDF5 tools (compressed, several rows per chunk) still
+    reads correctly: rows that are not one raw chunk go through h5py."""
+    expected, _ = make_store(tmp_path)
+    path = tmp_path / "shard-000000.h5"
+    with h5py.File(path, "r") as f:
+        feats, keys = f["features"][...], f["keys"][...]
+        fails, attrs = f["failures"][...], dict(f.attrs)
+    path.unlink()
+    with h5py.File(path, "w") as f:
+        f.create_dataset("features", data=feats, chunks=(2, TOKENS, HIDDEN), compression="gzip")
+        f.create_dataset("keys", data=keys, dtype=h5py.string_dtype("utf-8"))
+        f.create_dataset("failures", data=fails, dtype=h5py.string_dtype("utf-8"))
+        f.attrs.update(attrs)
+    finalize(tmp_path, meta=meta_for("float16"), plan={},
+             shards=scan_shards(tmp_path).values(), complete=True)
+    for index_present in (True, False):
+        if not index_present:
+            (tmp_path / ".clipfeat" / "index.json").unlink()
+        store = FeatureStore(tmp_path)
+        for key, want in expected.items():
+            np.testing.assert_array_equal(store[key].numpy(), want)
+
+
+# ----------------------------------------------------------------------------- writer
+
+
+def _writer(out, shard_id=0, **kw):
+    args = dict(tokens=TOKENS, hidden=HIDDEN, store_dtype="float16", attrs={"layer": -2})
+    args.update(kw)
+    return ShardWriter(out, shard_id, **args)
+
+
+def test_commit_is_the_completion_mark(tmp_path):
+    w = _writer(tmp_path, 4)
+    w.append(["a"], np.zeros((1, TOKENS, HIDDEN), np.float32))
+    assert sorted(os.listdir(tmp_path)) == ["shard-000004.h5.partial"]
+    info = w.commit()
+    assert sorted(os.listdir(tmp_path)) == ["shard-000004.h5"]
+    assert (info.shard_id, info.file, info.num_rows, info.num_failures) == (4, "shard-000004.h5",
+                                                                          1, 0)
+    assert info.bytes == (tmp_path / "shard-000004.h5").stat().st_size
+    with pytest.raises(StoreError, match="committed"):
+        w.append(["b"], np.zeros((1, TOKENS, HIDDEN), np.float32))
+
+
+def test_abort_and_exceptions_leave_nothing(tmp_path):
+    w = _writer(tmp_path, 0)
+    w.append(["a"], np.zeros((1, TOKENS, HIDDEN), np.float32))
+    w.abort()
+    w.abort()  # idempotent, never raises
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(RuntimeError, match="boom"):
+        with _writer(tmp_path, 1) as w:
+            w.append(["a"], np.zeros((1, TOKENS, HIDDEN), np.float32))
+            raise RuntimeError("boom")
+    assert os.listdir(tmp_path) == []
+    with _writer(tmp_path, 2) as w:  # leaving without commit() discards the shard
+        w.append(["a"], np.zeros((1, TOKENS, HIDDEN), np.float32))
+    assert os.listdir(tmp_path) == []
+
+
+def test_float16_overflow_names_key_and_fix(tmp_path):
+    x = np.zeros((2, TOKENS, HIDDEN), np.float32)
+    x[1, 2, 3] = 70000.0
+    with pytest.raises(ExtractionError, match="--store-dtype float32") as exc:
+        with _writer(tmp_path) as w:
+            w.append(["ok.jpg", "big.jpg"], x)
+    assert "big.jpg" in str(exc.value) and "ok.jpg" not in str(exc.value)
+    assert os.listdir(tmp_path) == []
+    x[1, 2, 3] = -65504.0  # the largest finite float16 is fine
+    with _writer(tmp_path, store_dtype="float16") as w:
+        w.append(["ok.jpg", "edge.jpg"], x)
+        w.commit()
+    with _writer(tmp_path, 1, store_dtype="float32") as w:  # float32 keeps big values
+        x[1, 2, 3] = 70000.0
+        w.append(["big.jpg"], x[1:])
+        w.commit()
+    with h5py.File(tmp_path / "shard-000001.h5", "r") as f:
+        assert f["features"][0, 2, 3] == 70000.0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("store_dtype", ["float16", "float32"])
+def test_non_finite_refused(tmp_path, bad, store_dtype):
+    x = np.ones((3, TOKENS, HIDDEN), np.float32)
+    x[2, 0, 0] = bad
+    with pytest.raises(ExtractionError, match="non-finite") as exc:
+        with _writer(tmp_path, store_dtype=store_dtype) as w:
+            w.append(["a", "b", "c.jpg"], x)
+    assert "'c.jpg'" in str(exc.value) and "--store-dtype float32" in str(exc.value)
+    assert os.listdir(tmp_path) == []
+
+
+def test_float16_input_with_nan_refused(tmp_path):
+    x = np.ones((2, TOKENS, HIDDEN), np.float16)
+    x[0, 1, 1] = np.nan
+    with pytest.raises(ExtractionError, match="'first'"):
+        with _writer(tmp_path) as w:
+            w.append(["first", "second"], x)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(store_dtype="bfloat16"), "store_dtype"),
+        (dict(tokens=0), "tokens"),
+        (dict(hidden=-1), "hidden"),
+        (dict(expected_rows=-3), "expected_rows"),
+        (dict(attrs={"shard_id": 3}), "shard_id"),
+        (dict(attrs={"tokens": 99}), "tokens"),
+        (dict(attrs={"bad": object()}), "bad|object"),
+    ],
+)
+def test_writer_validates_arguments(tmp_path, kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        _writer(tmp_path, **kwargs)
+    assert os.listdir(tmp_path) == []
+
+
+def test_append_validates_shapes_and_keys(tmp_path):
+    with _writer(tmp_path) as w:
+        with pytest.raises(ConfigError, match="shape"):
+            w.append(["a"], np.zeros((1, TOKENS + 1, HIDDEN), np.float32))
+        with pytest.raises(ConfigError, match="2 keys for 1"):
+            w.append(["a", "b"], np.zeros((1, TOKENS, HIDDEN), np.float32))
+        w.append(["a"], np.zeros((1, TOKENS, HIDDEN), np.float32))
+        with pytest.raises(ConfigError, match="twice"):
+            w.append(["a"], np.zeros((1, TOKENS, HIDDEN), np.float32))
+        with pytest.raises(ConfigError, match="'error'"):
+            w.add_failures([{"key": "x", "path": "y"}])
+        info = w.commit()
+    assert info.num_rows == 1
+
+
+def test_disk_full_during_write(tmp_path, monkeypatch):
+    w = _writer(tmp_path, 3)
+    w.append(["a"], np.zeros((1, TOKENS, HIDDEN), np.float32))
+    real = os.pwrite
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(ExtractionError) as exc:
+        w.append(["b"], np.ones((1, TOKENS, HIDDEN), np.float32))
+        w.commit()  # HDF5 may buffer the rows; the failure then shows at commit
+    monkeypatch.setattr(os, "pwrite", real)
+    msg = str(exc.value)
+    assert "disk full (ENOSPC)" in msg and "shard-000003.h5.partial" in msg and "rerun" in msg
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("code, cause", [
+    (errno.EROFS, "read-only file system (EROFS)"),
+    (errno.EIO, "I/O error (EIO)"),
+    (errno.EACCES, "permission denied (EACCES)"),
+    (errno.EDQUOT, "disk quota exceeded (EDQUOT)"),
+])
+def test_write_errors_name_their_cause(tmp_path, monkeypatch, code, cause):
+    def fail(fd, data, offset):
+        raise OSError(code, os.strerror(code))
+
+    with pytest.raises(ExtractionError) as exc:
+        with _writer(tmp_path, 1) as w:
+            monkeypatch.setattr(os, "pwrite", fail)
+            w.append(["a"], np.zeros((1, TOKENS, HIDDEN), np.float32))
+            w.commit()
+    assert str(exc.value).startswith(cause + " while writing ")
+    assert "\n" not in str(exc.value)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == []
+
+
+def test_disk_full_during_fsync(tmp_path, monkeypatch):
+    w = _writer(tmp_path, 5)
+    w.append(["a"], np.zeros((1, TOKENS, HIDDEN), np.float32))
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(ExtractionError, match=r"disk full \(ENOSPC\)"):
+        w.commit()
+    assert os.listdir(tmp_path) == []
+
+
+def test_read_only_folder(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root ignores folder permissions")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(ExtractionError, match="permission denied"):
+            _writer(ro, 0)
+    finally:
+        ro.chmod(0o755)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE behaviour is Linux's")
+def test_real_write_failure_exits_cleanly(tmp_path):
+    """A real failed write inside HDF5 (file size limit) must give ExtractionError, leave
+    no file, and let the process exit normally (HDF5 must not retry at exit and crash)."""
+    script = textwrap.dedent(f"""
+        import resource, signal, os, numpy as np
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
+        from clipfeat.store import ShardWriter
+        from clipfeat.errors import ExtractionError
+        try:
+            with ShardWriter({str(tmp_path)!r}, 0, tokens=64, hidden=128,
+                             store_dtype="float32", attrs={{}}) as w:
+                for i in range(8):
+                    w.append([f"k{{i}}"], np.ones((1, 64, 128), np.float32))
+                w.commit()
+        except ExtractionError as e:
+            print("ERR", e)
+        print("LEFT", os.listdir({str(tmp_path)!r}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "ERR file too large (EFBIG)" in proc.stdout
+    assert "LEFT []" in proc.stdout
+
+
+# ----------------------------------------------------------------------------- scanning
+
+
+def test_scan_shards_and_remove_partials(tmp_path):
+    expected, failures = make_store(tmp_path)
+    (tmp_path / "shard-000007.h5.partial").write_bytes(b"half written")
+    assert remove_partials(tmp_path) == 1
+    assert not (tmp_path / "shard-000007.h5.partial").exists()
+    found = scan_shards(tmp_path)
+    assert sorted(found) == [0, 1, 2]
+    assert [found[i].num_rows for i in range(3)] == [5, 0, 3]
+    assert [r for i in range(3) for r in found[i].failures] == failures
+    (tmp_path / "shard-000009.h5").write_bytes(b"not hdf5 at all")
+    with pytest.raises(StoreError, match="shard-000009.h5"):
+        scan_shards(tmp_path)
+
+
+def test_finalize_reads_failures_of_shards_from_disk(tmp_path):
+    _, failures = make_store(tmp_path)
+    light = [store_mod.ShardInfo.from_manifest(e) for e in
+             json.loads((tmp_path / "manifest.json").read_text())["shards"]]
+    assert all(not s.failures for s in light)
+    finalize(tmp_path, meta={}, plan={}, shards=light, complete=False)
+    lines = (tmp_path / "failures.jsonl").read_text().splitlines()
+    assert [json.loads(x) for x in lines] == failures
+
+
+# ----------------------------------------------------------------------------- describe
+
+
+def test_describe_store(tmp_path):
+    make_store(tmp_path, complete=False)
+    man = json.loads((tmp_path / "manifest.json").read_text())
+    man["plan"]["num_chunks"] = 5  # two chunks still to do
+    (tmp_path / "manifest.json").write_text(json.dumps(man))
+    d = describe_store(tmp_path)
+    assert d["images"] == 8 and d["shards"] == 3 and d["failures"] == 4
+    assert d["complete"] is False
+    assert d["pending_shards"] == 2 and d["pending_shard_ids"] == [3, 4]
+    assert d["failure_reasons"] == {"cannot identify image file …": 4}
+    assert d["config"]["layer"] == -2 and d["config"]["tokens"] == TOKENS
+    assert d["bytes"] >= sum(s["bytes"] for s in man["shards"])
+    text = format_store(d)
+    assert "INCOMPLETE" in text and "pending" in text and "cannot identify image file" in text
+    assert f"{TOKENS} x {HIDDEN} float16" in text
+    json.dumps(d)  # JSON-able for --json
+    with pytest.raises(StoreError, match="not a clipfeat store"):
+        describe_store(tmp_path / "empty")
+
+
+def test_imports_stay_light():
+    code = ("import sys, clipfeat.store, clipfeat.verify, clipfeat.llava; "
+            "heavy = [m for m in ('torch', 'h5py', 'transformers') if m in sys.modules]; "
+            "print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    assert out.strip() == "[]"

@@ -1,0 +1,360 @@
+"""clipfeat verify: sound stores pass; truncation, flipped bytes, duplicate keys, missing
+shards, NaN and bad metadata are each reported naming the file."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import types
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from clipfeat.store import ShardWriter, finalize
+from clipfeat.verify import VerifyReport, verify_store
+
+TOKENS, HIDDEN = 6, 16
+
+
+def meta_for(store_dtype="float16", compute_dtype="float16"):
+    return {"model": "tiny/clip", "layer": -2, "layer_index": 2, "feature": "patch",
+            "aspect": "pad", "tokens": TOKENS, "hidden_size": HIDDEN,
+            "store_dtype": store_dtype, "compute_dtype": compute_dtype,
+            "preprocessing": {"size": 30, "mean": [0.48, 0.45, 0.4]}}
+
+
+def make_store(out: Path, *, rows=(4, 3, 5), store_dtype="float16", compute_dtype="float16",
+               key_lists=None, attrs_override=None, complete=True, write_plan=True):
+    """Shards of random features + finalize + a plan.jsonl; returns {key: float32 row}."""
+    rng = np.random.default_rng(1)
+    meta = meta_for(store_dtype, compute_dtype)
+    expected = {}
+    infos = []
+    plan_items = []
+    for sid, n in enumerate(rows):
+        keys = key_lists[sid] if key_lists else [f"s{sid}/{i}.jpg" for i in range(n)]
+        attrs = dict(meta, **((attrs_override or {}).get(sid, {})))
+        x = rng.standard_normal((n, TOKENS, HIDDEN)).astype(np.float32) * 3
+        with ShardWriter(out, sid, tokens=TOKENS, hidden=HIDDEN, store_dtype=store_dtype,
+                         attrs=attrs) as w:
+            w.append(keys, x)
+            w.add_failures([{"key": f"bad{sid}", "path": f"/img/bad{sid}.jpg",
+                             "error": "cannot identify image file"}])
+            infos.append(w.commit())
+        stored = x.astype(store_dtype).astype(np.float32)
+        expected.update(zip(keys, stored))
+        plan_items += [{"key": k, "path": f"/img/{k}"} for k in keys]
+    finalize(out, meta=meta, plan={"num_chunks": len(rows)}, shards=infos, complete=complete)
+    if write_plan:
+        (out / ".clipfeat").mkdir(exist_ok=True)
+        lines = [json.dumps({"version": 1, "shard_size": 5})]
+        lines += [json.dumps(dict(it, i=i)) for i, it in enumerate(plan_items)]
+        (out / ".clipfeat" / "plan.jsonl").write_text("\n".join(lines) + "\n")
+    return expected
+
+
+def problems_about(report: VerifyReport, name: str) -> list[str]:
+    return [p for p in report.problems if name in p]
+
+
+def test_sound_store_passes(tmp_path):
+    make_store(tmp_path)
+    report = verify_store(tmp_path)
+    assert report.ok, report.format()
+    assert report.problems == []
+    assert report.checked_shards == 3 and report.checked_rows == 12
+    assert report.format().startswith("OK:")
+    assert report.to_dict()["ok"] is True
+
+
+def test_empty_shard_and_float32_store_pass(tmp_path):
+    make_store(tmp_path, rows=(3, 0, 2), store_dtype="float32")
+    report = verify_store(tmp_path)
+    assert report.ok, report.format()
+
+
+def test_truncated_shard(tmp_path):
+    make_store(tmp_path)
+    path = tmp_path / "shard-000001.h5"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    report = verify_store(tmp_path)
+    assert not report.ok
+    assert problems_about(report, "shard-000001.h5")
+    assert not problems_about(report, "shard-000000.h5")
+    assert "FAILED" in report.format() and "shard-000001.h5" in report.format()
+
+
+def _flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        b = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([b[0] ^ 0x01]))  # one bit: the value changes a little, stays finite
+
+
+def test_flipped_byte_in_feature_data(tmp_path):
+    make_store(tmp_path)
+    path = tmp_path / "shard-000002.h5"
+    with h5py.File(path, "r") as f:
+        offset = f["features"].id.get_chunk_info(3).byte_offset + 17
+    _flip(path, offset)
+    with h5py.File(path, "r") as f:  # HDF5 still opens and reads it without complaint
+        assert np.isfinite(f["features"][...]).all()
+    report = verify_store(tmp_path)
+    assert not report.ok
+    found = problems_about(report, "shard-000002.h5")
+    assert found and "checksum" in found[0]
+
+
+@pytest.mark.parametrize("where", ["start", "user block padding", "middle", "end"])
+def test_flipped_byte_anywhere(tmp_path, where):
+    make_store(tmp_path)
+    path = tmp_path / "shard-000001.h5"
+    size = path.stat().st_size
+    offset = {"start": 0, "user block padding": 300, "middle": size // 2, "end": size - 1}[where]
+    _flip(path, offset)
+    report = verify_store(tmp_path)
+    assert not report.ok
+    assert problems_about(report, "shard-000001.h5")
+
+
+def test_checksum_block_matches_an_independent_hash(tmp_path):
+    import hashlib
+
+    from clipfeat import store as store_mod
+
+    make_store(tmp_path)
+    man = json.loads((tmp_path / "manifest.json").read_text())
+    for entry in man["shards"]:
+        data = (tmp_path / entry["file"]).read_bytes()
+        block = 8 * 1024 * 1024
+        body = data[512:]
+        digests = b"".join(hashlib.sha256(body[i:i + block]).digest()
+                           for i in range(0, len(body), block))
+        assert entry["checksum"] == hashlib.sha256(digests).hexdigest()
+        assert data.startswith(b"clipfeat-shard 1\n")
+        assert f"checksum sha256-8MiB-tree {entry['checksum']}".encode() in data[:512]
+        assert f"bytes {len(data)}".encode() in data[:512]
+        assert store_mod.shard_checksum(tmp_path / entry["file"]) == (entry["checksum"], len(data))
+
+
+def test_multi_block_checksum(tmp_path, monkeypatch):
+    """Shards bigger than one hash block (hashed in threads) verify, and a flip in a late
+    block is caught."""
+    from clipfeat import store as store_mod
+
+    monkeypatch.setattr(store_mod, "_HASH_BLOCK", 1024)
+    make_store(tmp_path, rows=(40, 3))
+    assert verify_store(tmp_path).ok
+    path = tmp_path / "shard-000000.h5"
+    _flip(path, path.stat().st_size - 3000)
+    assert problems_about(verify_store(tmp_path), "shard-000000.h5")
+
+
+def test_flipped_byte_in_keys(tmp_path):
+    make_store(tmp_path)
+    path = tmp_path / "shard-000000.h5"
+    data = path.read_bytes()
+    offset = data.index(b"s0/2.jpg")
+    _flip(path, offset + 3)
+    report = verify_store(tmp_path)
+    assert not report.ok
+    assert problems_about(report, "shard-000000.h5")
+
+
+def test_duplicated_key(tmp_path):
+    keys = [["a.jpg", "b.jpg"], ["c.jpg", "b.jpg", "d.jpg"]]
+    make_store(tmp_path, rows=(2, 3), key_lists=keys)
+    report = verify_store(tmp_path)
+    assert not report.ok
+    dup = [p for p in report.problems if "'b.jpg'" in p]
+    assert len(dup) == 1 and "shard-000000.h5" in dup[0] and "shard-000001.h5" in dup[0]
+
+
+def test_manifest_lists_missing_shard(tmp_path):
+    make_store(tmp_path)
+    (tmp_path / "shard-000001.h5").unlink()
+    report = verify_store(tmp_path)
+    assert not report.ok
+    assert any("shard-000001.h5" in p and "missing" in p for p in report.problems)
+    assert report.checked_shards == 2
+
+
+def test_stray_shard_not_in_manifest(tmp_path):
+    make_store(tmp_path)
+    with ShardWriter(tmp_path, 7, tokens=TOKENS, hidden=HIDDEN, store_dtype="float16",
+                     attrs=meta_for()) as w:
+        w.append(["z.jpg"], np.zeros((1, TOKENS, HIDDEN), np.float32))
+        w.commit()
+    report = verify_store(tmp_path)
+    assert not report.ok
+    assert any("shard-000007.h5" in p and "not listed" in p for p in report.problems)
+
+
+def test_stray_shard_of_unfinished_run_is_a_note(tmp_path):
+    make_store(tmp_path, complete=False)
+    with ShardWriter(tmp_path, 3, tokens=TOKENS, hidden=HIDDEN, store_dtype="float16",
+                     attrs=meta_for()) as w:
+        w.append(["z.jpg"], np.zeros((1, TOKENS, HIDDEN), np.float32))
+        w.commit()
+    report = verify_store(tmp_path)
+    assert report.ok, report.format()
+    assert any("shard-000003.h5" in n for n in report.notes)
+    assert any("incomplete" in n for n in report.notes)
+
+
+def test_nan_in_features(tmp_path):
+    make_store(tmp_path)
+    with h5py.File(tmp_path / "shard-000001.h5", "r+") as f:
+        f["features"][2, 0, 0] = np.nan
+    report = verify_store(tmp_path)
+    assert any("shard-000001.h5" in p and "NaN" in p and "(2)" in p for p in report.problems)
+
+
+def test_row_count_disagrees_with_manifest(tmp_path):
+    make_store(tmp_path)
+    man = json.loads((tmp_path / "manifest.json").read_text())
+    man["shards"][0]["num_rows"] = 99
+    (tmp_path / "manifest.json").write_text(json.dumps(man))
+    report = verify_store(tmp_path)
+    assert any("shard-000000.h5" in p and "99" in p for p in report.problems)
+
+
+def test_settings_differ_between_shards(tmp_path):
+    make_store(tmp_path, attrs_override={2: {"layer": -1}})
+    report = verify_store(tmp_path)
+    assert any("shard-000002.h5" in p and "layer" in p for p in report.problems)
+
+
+def test_missing_or_broken_manifest_and_failures(tmp_path):
+    make_store(tmp_path)
+    (tmp_path / "failures.jsonl").write_text('{"key": "a", "path": "b", "error": "c"}\nnot json\n')
+    report = verify_store(tmp_path)
+    assert any("failures.jsonl" in p and "line 2" in p for p in report.problems)
+    (tmp_path / "manifest.json").write_text("{ truncated")
+    report = verify_store(tmp_path)
+    assert not report.ok and any("manifest.json" in p for p in report.problems)
+    assert report.checked_shards == 3  # shards on disk are still checked
+    (tmp_path / "manifest.json").unlink()
+    assert any("manifest.json" in p for p in verify_store(tmp_path).problems)
+
+
+def test_missing_index_is_only_a_note(tmp_path):
+    make_store(tmp_path)
+    (tmp_path / ".clipfeat" / "index.json").unlink()
+    report = verify_store(tmp_path)
+    assert report.ok and any("index" in n for n in report.notes)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+@pytest.fixture
+def fake_compute(monkeypatch):
+    """Stand-in for clipfeat.pipeline.compute_features; records its calls."""
+    calls = []
+    state = {"answer": None}
+
+    def compute_features(items, meta, *, model, device):
+        calls.append((list(items), meta, model, device))
+        return {key: state["answer"](key, path) for key, path in items}
+
+    import clipfeat
+
+    try:
+        import clipfeat.pipeline as pipeline
+    except ImportError:
+        pipeline = types.ModuleType("clipfeat.pipeline")
+        monkeypatch.setitem(sys.modules, "clipfeat.pipeline", pipeline)
+        monkeypatch.setattr(clipfeat, "pipeline", pipeline, raising=False)
+    monkeypatch.setattr(pipeline, "compute_features", compute_features, raising=False)
+    return calls, state
+
+
+def test_sample_matches_fresh_extraction(tmp_path, fake_compute):
+    calls, state = fake_compute
+    expected = make_store(tmp_path)
+    rng = np.random.default_rng(5)
+    # a fresh float16 extraction differs by float16 rounding noise
+    state["answer"] = lambda key, path: expected[key] * (1 + 1e-3 * rng.standard_normal())
+    report = verify_store(tmp_path, model="tiny/clip", sample=5, device="cpu", seed=3)
+    assert report.ok, report.format()
+    assert report.sampled == 5
+    (items, meta, model, device), = calls
+    assert len(items) == 5 and all(path == f"/img/{key}" for key, path in items)
+    assert meta["layer"] == -2 and model == "tiny/clip" and device == "cpu"
+    same_seed = verify_store(tmp_path, model="tiny/clip", sample=5, seed=3)
+    assert same_seed.ok and [k for k, _ in calls[1][0]] == [k for k, _ in items]
+
+
+def test_sample_detects_other_features(tmp_path, fake_compute):
+    _, state = fake_compute
+    expected = make_store(tmp_path)
+    state["answer"] = lambda key, path: expected[key][::-1].copy()  # e.g. another layer
+    report = verify_store(tmp_path, model="tiny/clip", sample=3)
+    assert not report.ok
+    assert len(report.problems) == 3 and all("fresh extraction" in p for p in report.problems)
+
+
+def test_sample_tolerance_float32(tmp_path, fake_compute):
+    _, state = fake_compute
+    expected = make_store(tmp_path, store_dtype="float32", compute_dtype="float32")
+    state["answer"] = lambda key, path: expected[key] * (1 + 1e-3)  # fine for fp16, not fp32
+    assert not verify_store(tmp_path, model="m", sample=2).ok
+    state["answer"] = lambda key, path: expected[key] * (1 + 1e-6)
+    assert verify_store(tmp_path, model="m", sample=2).ok
+
+
+def test_sample_reports_extraction_errors(tmp_path, fake_compute):
+    _, state = fake_compute
+    make_store(tmp_path)
+    state["answer"] = lambda key, path: "cannot identify image file"
+    report = verify_store(tmp_path, model="m", sample=2)
+    assert len(report.problems) == 2 and "cannot identify image file" in report.problems[0]
+
+
+def test_sample_without_plan(tmp_path, fake_compute):
+    make_store(tmp_path, write_plan=False)
+    report = verify_store(tmp_path, model="m", sample=2)
+    assert any("plan.jsonl" in p for p in report.problems)
+
+
+def test_not_a_folder(tmp_path):
+    from clipfeat.errors import StoreError
+
+    with pytest.raises(StoreError, match="not a folder"):
+        verify_store(tmp_path / "nope")
+    assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_real_extraction_verifies_with_samples(tmp_path, clip_vision_dir):
+    """A store made by the real pipeline passes verify, including re-extraction of rows
+    with the real compute_features (float32 on CPU: rows must agree to ~1e-4)."""
+    from PIL import Image
+
+    import clipfeat
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        size = (40 + 7 * i, 33 + 5 * i)
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(
+            root / f"im{i}.png")
+    out = tmp_path / "out"
+    summary = clipfeat.extract(roots=[str(root)], out=str(out), model=str(clip_vision_dir),
+                               device="cpu", dtype="float32", store_dtype="float32",
+                               shard_size=2, batch_size=2, workers=1)
+    assert summary.complete
+    report = verify_store(out, model=str(clip_vision_dir), sample=4, device="cpu")
+    assert report.ok, report.format()
+    assert report.sampled == 4 and report.max_sample_error < 1e-4
+    assert report.checked_rows == 5 and report.checked_shards == 3
