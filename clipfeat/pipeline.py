@@ -265,7 +265,11 @@ def _wipe(out: Path) -> None:
 
 
 class _Writer(threading.Thread):
-    """Owns every open ShardWriter; commits a shard when its chunk ends."""
+    """Owns every open ShardWriter: appends rows, seals a shard when its chunk ends.
+
+    Sealed shards go to a committer thread that checksums, fsyncs and renames them, so the
+    next chunk's rows are written while the previous shard is being synced.
+    """
 
     def __init__(self, out: Path, meta: dict[str, Any], on_commit: Callable[[Any], None]):
         super().__init__(name="clipfeat-writer", daemon=True)
@@ -273,11 +277,20 @@ class _Writer(threading.Thread):
         self.meta = meta
         self.on_commit = on_commit
         self.q: queue.Queue = queue.Queue(maxsize=8)
+        self.sealed: queue.Queue = queue.Queue(maxsize=2)
+        self.committer = threading.Thread(target=self._commit_loop, name="clipfeat-committer",
+                                          daemon=True)
         self.error: BaseException | None = None
         self.open: dict[int, Any] = {}
+        self.pending: dict[int, Any] = {}  # sealed, not yet committed
         self.expected: dict[int, int] = {}
         self.bytes_written = 0
-        self.seconds = {"append": 0.0, "commit": 0.0}
+        self.seconds = {"append": 0.0, "seal": 0.0, "commit": 0.0, "main_waits_writer": 0.0}
+        self.lock = threading.Lock()
+
+    def start(self) -> None:
+        super().start()
+        self.committer.start()
 
     def put(self, msg: tuple) -> None:
         t = time.perf_counter()
@@ -286,9 +299,7 @@ class _Writer(threading.Thread):
                 raise self.error
             try:
                 self.q.put(msg, timeout=0.2)
-                self.seconds["main_waits_writer"] = (
-                    self.seconds.get("main_waits_writer", 0.0) + time.perf_counter() - t
-                )
+                self.seconds["main_waits_writer"] += time.perf_counter() - t
                 return
             except queue.Full:
                 if not self.is_alive():
@@ -312,6 +323,12 @@ class _Writer(threading.Thread):
         return w
 
     def run(self) -> None:
+        try:
+            self._run()
+        finally:
+            self.sealed.put(None)  # let the committer finish what it holds, then stop
+
+    def _run(self) -> None:
         while True:
             msg = self.q.get()
             if msg[0] == "stop":
@@ -326,7 +343,8 @@ class _Writer(threading.Thread):
                     _, chunk, keys, feats, release = msg
                     t = time.perf_counter()
                     try:
-                        self._shard(chunk).append(keys, feats)
+                        # the device loop checked these values before casting them
+                        self._shard(chunk).append(keys, feats, checked=True)
                     finally:
                         if release is not None:
                             release()
@@ -338,23 +356,57 @@ class _Writer(threading.Thread):
                 elif kind == "end":
                     t = time.perf_counter()
                     w = self._shard(msg[1])
-                    info = w.commit()
-                    self.seconds["commit"] += time.perf_counter() - t
-                    del self.open[msg[1]]
-                    self.bytes_written += info.bytes
-                    self.on_commit(info)
+                    w.seal()
+                    self.seconds["seal"] += time.perf_counter() - t
+                    with self.lock:
+                        del self.open[msg[1]]
+                        self.pending[msg[1]] = w
+                    while self.error is None:
+                        try:
+                            self.sealed.put(w, timeout=0.2)
+                            break
+                        except queue.Full:
+                            continue
             except BaseException as err:  # surfaced to the main thread by put()/finish()
                 self.error = err
                 self.abort_all()
 
+    def _commit_loop(self) -> None:
+        while True:
+            w = self.sealed.get()
+            if w is None:
+                return
+            # A sealed shard is complete: commit it even if a later chunk failed.
+            try:
+                t = time.perf_counter()
+                info = w.commit()
+                self.seconds["commit"] += time.perf_counter() - t
+                with self.lock:
+                    self.pending.pop(info.shard_id, None)
+                self.bytes_written += info.bytes
+                self.on_commit(info)
+            except BaseException as err:
+                if self.error is None:
+                    self.error = err
+                w.abort()
+                with self.lock:
+                    self.pending.pop(w.shard_id, None)
+
     def abort_all(self) -> None:
-        for w in list(self.open.values()):
+        """Drop the shards still being written (sealed ones are left to the committer)."""
+        with self.lock:
+            writers = list(self.open.values())
+            self.open.clear()
+        for w in writers:
             w.abort()
-        self.open.clear()
+
+    def join_all(self, timeout: float | None = None) -> None:
+        self.join(timeout)
+        self.committer.join(timeout)
 
     def finish(self) -> None:
         self.put(("stop",))
-        self.join()
+        self.join_all()
         if self.error is not None:
             raise self.error
 
@@ -488,20 +540,45 @@ class _Device:
 # --------------------------------------------------------------------------- the run
 
 
+class _Signalled(KeyboardInterrupt):
+    """What the signal handler raises; `extract` turns it into `Interrupted`.
+
+    Not an Exception (like KeyboardInterrupt): the signal can land anywhere, and an
+    ``except Exception`` on the way (loading weights, a library's fallback) would otherwise
+    swallow it or report it as another error.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+# Signals caught by the guard. Python only prints an exception raised in a __del__ or weakref
+# callback, so the handler's may be lost: `_check_signal` raises it again at safe points.
+_pending_signals: list[int] = []
+
+
+def _check_signal() -> None:
+    if _pending_signals:
+        raise _Signalled(_pending_signals[0])
+
+
 def _signal_guard() -> Callable[[], None]:
-    """Turn SIGINT/SIGTERM into `Interrupted` in the main thread; returns the undo."""
+    """Turn SIGINT/SIGTERM into `_Signalled` in the main thread; returns the undo."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
 
     def handler(signum: int, frame: Any) -> None:
-        name = signal.Signals(signum).name
-        raise Interrupted(signum, f"interrupted by {name}")
+        _pending_signals.append(signum)
+        raise _Signalled(signum)
 
+    _pending_signals.clear()
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def undo() -> None:
         for s, h in old.items():
             signal.signal(s, h)
+        _pending_signals.clear()
 
     return undo
 
@@ -523,6 +600,9 @@ def extract(
     undo = _signal_guard()
     try:
         return _extract(config, progress)
+    except _Signalled as stop:
+        name = signal.Signals(stop.signum).name
+        raise Interrupted(stop.signum, f"interrupted by {name}") from None
     finally:
         undo()
 
@@ -567,6 +647,7 @@ def _extract(cfg: ExtractConfig, progress: Progress | None) -> Summary:
             decode = _Decode(run, plan, mine)
         if todo_all:
             _run_chunks(run, plan, mine, todo_all, finished, summary, progress, dist, decode)
+        _check_signal()
         dist.barrier()
         if dist.is_main:
             shards = scan_shards(out)
@@ -746,6 +827,7 @@ def _run_chunks(
 
     def flush() -> None:
         nonlocal batch, ended
+        _check_signal()
         if batch:
             t = time.perf_counter()
             handle = dev.launch([b[2] for b in batch], cfg.batch_size)
@@ -816,7 +898,7 @@ def _stop_writer(writer: _Writer) -> None:
             break
         except queue.Full:
             continue
-    writer.join(timeout=max(0.0, deadline - time.monotonic()))
+    writer.join_all(timeout=max(0.0, deadline - time.monotonic()))
     writer.abort_all()
 
 

@@ -585,7 +585,7 @@ class ShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if self._state == "open":
+        if self._state in ("open", "sealed"):
             if exc_type is None:
                 log.warning("%s: left without commit(); discarding it", self.partial_path)
             self.abort()
@@ -633,12 +633,16 @@ class ShardWriter:
         """Rows appended so far."""
         return self._rows
 
-    def append(self, keys: list[str], features: Any) -> None:
+    def append(self, keys: list[str], features: Any, *, checked: bool = False) -> None:
         """Append rows: ``keys[i]`` names ``features[i]`` (shape (tokens, hidden)).
 
         Values are converted to the store dtype; a non-finite value, or one outside the
         float16 range when storing float16, raises ExtractionError naming the key.
+        ``checked=True`` skips that scan when the caller already checked these very values
+        (features already in the store dtype, e.g. checked on the GPU before the cast).
         """
+        import numpy as np
+
         self._check_open()
         arr = _as_array(features)
         keys = list(keys)
@@ -663,7 +667,11 @@ class ShardWriter:
         b = arr.shape[0]
         if b == 0:
             return
-        data = self._convert_checked(arr, keys)
+        target = STORE_DTYPES[self.store_dtype]
+        if checked and arr.dtype == np.dtype(target):
+            data = np.ascontiguousarray(arr)
+        else:
+            data = self._convert_checked(arr, keys)
         start, stop = self._rows, self._rows + b
         try:
             if stop > self._features.shape[0]:
@@ -722,8 +730,11 @@ class ShardWriter:
                 )
             self._failures.append(dict(rec))
 
-    def commit(self) -> ShardInfo:
-        """Write keys, failures and attributes, fsync, and rename the shard into place."""
+    def seal(self) -> None:
+        """First half of `commit`: write keys, failures and attributes and close the HDF5
+        file. The shard is still a ``.partial``; `commit` finishes it. Splitting the two lets
+        a caller keep appending to the next shard while this one is checksummed and synced.
+        """
         import h5py
         import numpy as np
 
@@ -757,6 +768,17 @@ class ShardWriter:
             f.close()
             self._file = self._features = None
             self._check_io()
+        except OSError as err:
+            self._fail(err)
+        self._state = "sealed"
+
+    def commit(self) -> ShardInfo:
+        """Write keys, failures and attributes, checksum, fsync, and rename into place."""
+        if self._state == "open":
+            self.seal()
+        if self._state != "sealed":
+            raise StoreError(f"{self.partial_path}: shard writer already {self._state}")
+        try:
             digest, size = self._raw.checksum_from(USERBLOCK)
             self._raw.seek(0)
             self._raw.write(_userblock(digest, size))
