@@ -161,24 +161,47 @@ def test_is_store(tmp_path, config_only_vitl336):
     assert not info.is_store("openai/clip-vit-large-patch14-336")
 
 
-def test_describe_store_delegates(tmp_path, monkeypatch):
-    calls = []
+def test_info_on_a_store(tmp_path, clip_full_dir):
+    """`clipfeat info OUT` summarises a real store: images, shards, config, failures."""
+    import json as _json
 
-    def fake_describe_store(out_dir):
-        calls.append(out_dir)
-        return {"shards": 2, "images": 10, "config": {"layer": -2, "feature": "patch"}}
+    import numpy as np
+    from PIL import Image
 
-    fake = types.ModuleType("clipfeat.store")
-    fake.describe_store = fake_describe_store
-    monkeypatch.setitem(sys.modules, "clipfeat.store", fake)
-    d = info.describe_store(str(tmp_path))
-    assert calls == [tmp_path] and d["images"] == 10
-    # without a store formatter: a flat table of the summary
+    import clipfeat
+    from clipfeat.cli import app
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(5):
+        Image.fromarray(np.full((20 + i, 31, 3), 40 * i, np.uint8)).save(root / f"{i}.png")
+    (root / "broken.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "out"
+    clipfeat.extract(roots=[str(root)], out=str(out), model=str(clip_full_dir), device="cpu",
+                     shard_size=2, workers=0)
+    assert info.is_store(str(out)) and not info.is_store(str(root))
+    d = info.describe_store(str(out))
     text = info.format_store(d)
-    assert "config.layer" in text and "-2" in text and "shards" in text
-    # with one: its text
-    fake.format_store = lambda summary: f"store of {summary['images']} images"
-    assert info.format_store(d) == "store of 10 images"
+    assert "5" in text and "broken" not in text or "fail" in text.lower()
+    res = CliRunner().invoke(app, ["info", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    data = _json.loads(res.stdout)
+    flat = _json.dumps(data)
+    assert data == d
+    assert "-2" in flat and "patch" in flat
+    assert any(v == 5 for v in _walk_values(data, "images")), data
+    assert any(v == 3 for v in _walk_values(data, "shards")), data
+
+
+def _walk_values(obj, key):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k == key or k.startswith(key) or k.endswith(key):
+                yield v
+            yield from _walk_values(v, key)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _walk_values(v, key)
 
 
 # -- CLI ---------------------------------------------------------------------------------
