@@ -12,6 +12,8 @@ import logging
 import os
 from dataclasses import dataclass
 
+from clipfeat.errors import ExtractionError
+
 logger = logging.getLogger(__name__)
 
 # Walking millions of files or finishing a slow shard can keep ranks apart for a long time.
@@ -33,17 +35,29 @@ class Dist:
         return chunk_id % self.world == self.rank
 
     def barrier(self) -> None:
+        """Wait for every rank. ExtractionError when another rank died (its own error names
+        the cause; this one's shards are intact)."""
         if self.world <= 1:
             return
         import torch.distributed as tdist
 
         if tdist.is_available() and tdist.is_initialized():
-            if tdist.get_backend() == "nccl":
-                import torch
+            try:
+                if tdist.get_backend() == "nccl":
+                    import torch
 
-                tdist.barrier(device_ids=[torch.cuda.current_device()])
-            else:
-                tdist.barrier()
+                    tdist.barrier(device_ids=[torch.cuda.current_device()])
+                else:
+                    tdist.barrier()
+            except RuntimeError as err:  # gloo/nccl: a peer crashed or exited with an error
+                text = str(err).strip()
+                # "[.../pair.cc:553] Connection closed by peer [...]:N. This is typically ..."
+                detail = text.splitlines()[0].split("] ", 1)[-1].split(". ", 1)[0] if text \
+                    else type(err).__name__
+                raise ExtractionError(
+                    f"rank {self.rank}: another rank stopped ({detail[:120]}); see its error "
+                    "above. Finished shards are intact: rerun the same command to resume"
+                ) from None
 
     def close(self) -> None:
         if self.initialized_here:

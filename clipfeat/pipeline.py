@@ -367,6 +367,10 @@ class _Writer(threading.Thread):
                             break
                         except queue.Full:
                             continue
+                    else:  # the committer failed meanwhile: nobody will commit this one
+                        w.abort()
+                        with self.lock:
+                            self.pending.pop(msg[1], None)
             except BaseException as err:  # surfaced to the main thread by put()/finish()
                 self.error = err
                 self.abort_all()
