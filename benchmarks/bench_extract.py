@@ -9,7 +9,7 @@ In one run, on the same photos and the same random checkpoint, it times:
   (b) model  the tower alone on ready random tensors (the compute ceiling), in-process
 
 Towers (random weights, saved with save_pretrained, no download):
-  tiny336  hidden 32, patch 14, 336-px input: preprocessing-bound
+  tiny336  hidden 32, 1 head, 3 blocks, patch 14, 336-px input: preprocessing-bound
   vitb32   ViT-B/32-sized (hidden 768, 12 layers, 224 px): compute-bound on a CPU
   vitl336  ViT-L/14-336 (LLaVA-1.5's tower): for a GPU
 
@@ -34,7 +34,7 @@ from pathlib import Path
 
 TOWERS = {
     "tiny336": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                    num_attention_heads=4, image_size=336, patch_size=14),
+                    num_attention_heads=1, image_size=336, patch_size=14),
     "vitb32": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                    num_attention_heads=12, image_size=224, patch_size=32),
     "vitl336": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
@@ -82,7 +82,10 @@ def make_tower(folder: Path, name: str) -> Path:
 
     path = folder / f"tower-{name}"
     if (path / "config.json").exists():
-        return path
+        saved = json.loads((path / "config.json").read_text())
+        if all(saved.get(k) == v for k, v in TOWERS[name].items()):
+            return path
+        shutil.rmtree(path)
     import torch
 
     torch.manual_seed(0)
