@@ -63,10 +63,14 @@ def _fail(err: ClipfeatError) -> None:
     raise typer.Exit(err.exit_code)
 
 
-@app.callback()
+@app.callback(invoke_without_command=True)
 def _root(
+    ctx: typer.Context,
     version: bool = typer.Option(False, "--version", help="Print the version and exit."),
 ) -> None:
+    if not version and ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help(), err=True)
+        raise typer.Exit(2)
     if version:
         from clipfeat import __version__
 

@@ -212,3 +212,14 @@ def test_real_process_shows_no_traceback(env, tmp_path, template, needle):
     proc = _python_m_clipfeat(_argv(template, env, out))
     assert_one_line_error(proc.returncode, proc.stdout, proc.stderr, needle)
     assert not out.exists()
+
+
+def test_version_and_bare_command():
+    """`clipfeat --version` prints the version; a bare `clipfeat` shows help and exits 2."""
+    import clipfeat
+    from clipfeat.cli import app as _app
+
+    res = CliRunner().invoke(_app, ["--version"])
+    assert res.exit_code == 0 and res.stdout.strip() == clipfeat.__version__
+    res = CliRunner().invoke(_app, [])
+    assert res.exit_code == 2 and "extract" in res.output
