@@ -807,7 +807,7 @@ def _run_chunks(
         if bad:
             if release:
                 release()
-            _raise_range(feats, rows, cfg.store_dtype)
+            _raise_range(feats, rows, cfg.store_dtype, run.compute_dtype)
         ends = list(ends)  # ascending chunk ids, like the rows
         start = 0
         while start < len(rows):
@@ -925,12 +925,22 @@ def _failure(it: Any, path: str, error: str) -> dict[str, Any]:
     return {"key": it.key, "path": path, "error": error, "index": it.index, "shard": it.chunk}
 
 
-def _raise_range(feats: Any, rows: list[tuple[int, str]], store_dtype: str) -> None:
+def _raise_range(
+    feats: Any, rows: list[tuple[int, str]], store_dtype: str, compute_dtype: str
+) -> None:
+    """Name the first row whose values the store cannot hold, and the fix."""
     import numpy as np
 
     f = np.asarray(feats, dtype=np.float32)
     for i, (_, key) in enumerate(rows):
         row = f[i]
+        if (np.isinf(row).any() and not np.isnan(row).any() and store_dtype == "float16"
+                and compute_dtype in ("float32", "bfloat16")):
+            # finite in the compute dtype (checked on the device), inf once cast to float16
+            raise ExtractionError(
+                f"features of {key!r} exceed float16's range ±{FLOAT16_MAX:g}: "
+                "rerun with --store-dtype float32"
+            )
         if not np.isfinite(row).all():
             raise ExtractionError(
                 f"the tower produced NaN/Inf for {key!r} (compute dtype overflow?): "
