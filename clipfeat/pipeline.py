@@ -283,6 +283,7 @@ class _Writer(threading.Thread):
         self.error: BaseException | None = None
         self.open: dict[int, Any] = {}
         self.pending: dict[int, Any] = {}  # sealed, not yet committed
+        self.commit_failed = False
         self.expected: dict[int, int] = {}
         self.bytes_written = 0
         self.seconds = {"append": 0.0, "seal": 0.0, "commit": 0.0, "main_waits_writer": 0.0}
@@ -380,7 +381,13 @@ class _Writer(threading.Thread):
             w = self.sealed.get()
             if w is None:
                 return
-            # A sealed shard is complete: commit it even if a later chunk failed.
+            # A sealed shard is complete: commit it even if a later chunk failed; but once a
+            # commit itself failed (disk full, read-only...), commit nothing after it.
+            if self.commit_failed:
+                w.abort()
+                with self.lock:
+                    self.pending.pop(w.shard_id, None)
+                continue
             try:
                 t = time.perf_counter()
                 info = w.commit()
@@ -390,6 +397,7 @@ class _Writer(threading.Thread):
                 self.bytes_written += info.bytes
                 self.on_commit(info)
             except BaseException as err:
+                self.commit_failed = True
                 if self.error is None:
                     self.error = err
                 w.abort()
@@ -763,9 +771,12 @@ def _run_chunks(
         total = len(plan.items)
         progress.start(total=total, done=summary.skipped)
 
+    tuner = None
     if not run.device.startswith("cuda"):
         threads = cfg.torch_threads or torch.get_num_threads()
         torch.set_num_threads(max(1, threads))
+        if cfg.torch_threads is None and threads > 1 and cfg.num_workers > 0:
+            tuner = _ThreadTuner(threads)
     if decode is None or decode.chunk_ids != [c.id for c in mine]:
         if decode is not None:
             decode.close()
@@ -842,6 +853,8 @@ def _run_chunks(
         batch, ended = [], []
         while len(in_flight) > (1 if dev.cuda else 0):
             drain_one()
+        if tuner is not None:
+            tuner.step(feeder.waited, device_s[0])
 
     try:
         for c in mine:
@@ -888,7 +901,46 @@ def _run_chunks(
             "device_launch_and_collect": round(device_s[0], 3),
             **{k: round(v, 3) for k, v in writer.seconds.items()},
         }
+        if tuner is not None:
+            summary.stats["torch_threads"] = tuner.threads
     summary.bytes_written = writer.bytes_written
+
+
+class _ThreadTuner:
+    """On a CPU run, give torch's intra-op threads back to the decode workers when the loop
+    waits for pixels, and take them again when it does not.
+
+    torch's threads stall as a group when one is preempted by a decode worker, so a
+    decode-bound run goes faster with fewer of them, and a compute-bound run needs them all.
+    """
+
+    EVERY = 8  # batches between decisions
+
+    def __init__(self, threads: int) -> None:
+        self.max = self.threads = threads
+        self.batches = 0
+        self.last = (0.0, 0.0)
+
+    def step(self, waited: float, device: float) -> None:
+        import torch
+
+        self.batches += 1
+        if self.batches % self.EVERY:
+            return
+        dw, dd = waited - self.last[0], device - self.last[1]
+        self.last = (waited, device)
+        total = dw + dd
+        if total <= 0:
+            return
+        if dw > 0.25 * total and self.threads > 1:
+            self.threads -= 1
+        elif dw < 0.05 * total and self.threads < self.max:
+            self.threads += 1
+        else:
+            return
+        torch.set_num_threads(self.threads)
+        logger.debug("torch intra-op threads -> %d (waited %.2fs for decode, %.2fs on device)",
+                     self.threads, dw, dd)
 
 
 def _stop_writer(writer: _Writer) -> None:
