@@ -10,11 +10,10 @@ coordinator.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 from clipfeat.errors import ConfigError, StoreError
 
@@ -75,27 +74,6 @@ def plan_path(out: Path) -> Path:
 def _dumps(obj: Any) -> str:
     # ensure_ascii keeps lone surrogates (undecodable file names) representable
     return json.dumps(obj, ensure_ascii=True, separators=(",", ":"))
-
-
-def _atomic_write_lines(path: Path, lines: Iterable[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for line in lines:
-                fh.write(line)
-                fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _cut(items: list[PlanItem]) -> list[Chunk]:
@@ -183,7 +161,9 @@ def save(out: Path, plan: Plan) -> None:
     """Write the plan into OUT atomically (temp file, fsync, rename) if it changed."""
     if not getattr(plan, "dirty", True):
         return
-    _atomic_write_lines(
+    from clipfeat.store import write_lines_atomically
+
+    write_lines_atomically(
         plan_path(out),
         [_dumps(plan.header)] + [_dumps(_item_dict(it)) for it in plan.items],
     )

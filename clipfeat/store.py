@@ -288,10 +288,11 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
-def atomic_write_lines(path: str | os.PathLike, lines: Iterable[str]) -> None:
+def write_lines_atomically(path: str | os.PathLike, lines: Iterable[str]) -> None:
     """Write text lines to ``path`` atomically: temp file in the same folder, fsync,
-    ``os.replace``, fsync the folder. Raises ExtractionError on OS errors."""
+    ``os.replace``, fsync the folder. OSError propagates (the temp file is removed)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
     try:
         with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
@@ -301,13 +302,18 @@ def atomic_write_lines(path: str | os.PathLike, lines: Iterable[str]) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except OSError as err:
-        _unlink_quietly(tmp)
-        raise ExtractionError(os_error_message(err, path)) from err
     except BaseException:
         _unlink_quietly(tmp)
         raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_lines(path: str | os.PathLike, lines: Iterable[str]) -> None:
+    """`write_lines_atomically`, raising ExtractionError (one line, cause and fix) on OS errors."""
+    try:
+        write_lines_atomically(path, lines)
+    except OSError as err:
+        raise ExtractionError(os_error_message(err, path)) from err
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
