@@ -162,7 +162,11 @@ def _identity_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def _prepare(cfg: ExtractConfig) -> _Run:
-    """Everything that can fail on a user mistake, before anything is written."""
+    """Every check of a user mistake that needs no torch, before anything is written.
+
+    The device, the compute dtype and the comparison with an existing OUT wait for
+    `_settle` (importing torch takes seconds, and decoding can start meanwhile).
+    """
     from clipfeat import distributed
     from clipfeat.modelref import resolve_model
     from clipfeat.plan import load_plan
@@ -175,9 +179,6 @@ def _prepare(cfg: ExtractConfig) -> _Run:
         if not Path(r).is_dir():
             raise ConfigError(f"ROOT {r} is not an existing folder: check the path")
     _check_out(out)
-    _, _, local_rank = distributed.env_world()
-    device = _resolve_device(cfg.device, local_rank)
-    compute_dtype = _resolve_dtype(cfg.dtype, device)
 
     ref = resolve_model(
         cfg.model, revision=cfg.revision, need_weights=True, allow_pickle=cfg.allow_pickle
@@ -207,7 +208,7 @@ def _prepare(cfg: ExtractConfig) -> _Run:
         "hidden_size": int(ref.hidden_size),
         "tokens": int(tokens_per_image(ref, cfg.feature)),
         "has_cls_token": bool(ref.has_cls_token),
-        "compute_dtype": compute_dtype,
+        "compute_dtype": None,  # set by _settle
         "store_dtype": cfg.store_dtype,
         "exif_transpose": cfg.exif_transpose,
         "preprocessing": spec.to_dict(),
@@ -219,7 +220,7 @@ def _prepare(cfg: ExtractConfig) -> _Run:
         "layer": cfg.layer,
         "feature": cfg.feature,
         "aspect": cfg.aspect,
-        "compute_dtype": compute_dtype,
+        "compute_dtype": None,  # set by _settle
         "store_dtype": cfg.store_dtype,
         "exif_transpose": cfg.exif_transpose,
         "preprocessing": spec.to_dict(),
@@ -229,12 +230,6 @@ def _prepare(cfg: ExtractConfig) -> _Run:
     if not cfg.overwrite:
         plan = load_plan(out) if out.is_dir() else None
         if plan is not None:
-            diffs = _identity_diff(plan.header.get("identity", {}), identity)
-            if diffs:
-                raise ConfigError(
-                    f"--out {out} holds features made with other settings ({'; '.join(diffs)}): "
-                    "use another --out, or --overwrite to replace them"
-                )
             if int(plan.header["shard_size"]) != cfg.shard_size:
                 raise ConfigError(
                     f"--shard-size {cfg.shard_size} differs from the {plan.header['shard_size']} "
@@ -246,8 +241,28 @@ def _prepare(cfg: ExtractConfig) -> _Run:
                 f"--out {out} holds shards but no plan: use another --out, or --overwrite"
             )
     # The weights are loaded (and so validated) by _extract before OUT is touched.
-    return _Run(cfg, out, device, compute_dtype, None, spec, meta, identity, items, src,
-                existing_plan=plan)
+    return _Run(cfg, out, "", "", None, spec, meta, identity, items, src, existing_plan=plan)
+
+
+def _settle(run: _Run) -> None:
+    """The checks that need torch: resolve the device and the compute dtype, then compare
+    the full configuration with what an existing OUT was made with. Writes nothing."""
+    from clipfeat import distributed
+
+    cfg = run.cfg
+    _, _, local_rank = distributed.env_world()
+    run.device = _resolve_device(cfg.device, local_rank)
+    run.compute_dtype = _resolve_dtype(cfg.dtype, run.device)
+    run.meta["compute_dtype"] = run.compute_dtype
+    run.identity["compute_dtype"] = run.compute_dtype
+    plan = run.existing_plan
+    if plan is not None:
+        diffs = _identity_diff(plan.header.get("identity", {}), run.identity)
+        if diffs:
+            raise ConfigError(
+                f"--out {run.out} holds features made with other settings ({'; '.join(diffs)}): "
+                "use another --out, or --overwrite to replace them"
+            )
 
 
 def _wipe(out: Path) -> None:
@@ -488,13 +503,20 @@ class _Device:
         self.normalize = Normalizer(spec)
         self.shape = (3, spec.out_height, spec.out_width)
         self.in_ring: deque = deque()
+        # CPU: reused uint8 and float32 batch buffers (a fresh 87 MB tensor per batch costs
+        # ~20k page faults; glibc never reuses blocks that large).
+        self.cpu_in: Any = None
+        self.cpu_pix: Any = None
         self.out_free: queue.Queue = queue.Queue()
         self.out_count = 0
 
     def _pinned_input(self, n: int, batch_size: int) -> Any:
         torch = self.torch
         if not self.cuda:
-            return torch.empty((n, *self.shape), dtype=torch.uint8)
+            # One buffer, reused: a batch is done with it before the next is stacked.
+            if self.cpu_in is None or self.cpu_in.shape[0] < n:
+                self.cpu_in = torch.empty((max(n, batch_size), *self.shape), dtype=torch.uint8)
+            return self.cpu_in[:n]
         if len(self.in_ring) < 3:
             buf = torch.empty((batch_size, *self.shape), dtype=torch.uint8).pin_memory()
         else:
@@ -524,7 +546,14 @@ class _Device:
         np.stack(arrays, out=host_in.numpy())
         with torch.inference_mode():
             x = host_in.to(self.device, non_blocking=True)
-            pix = self.normalize(x).to(self.compute_dtype)
+            if self.cuda:
+                pix = self.normalize(x)
+            else:
+                if self.cpu_pix is None or self.cpu_pix.shape[0] < n:
+                    self.cpu_pix = torch.empty((max(n, batch_size), *self.shape),
+                                               dtype=torch.float32)
+                pix = self.normalize(x, out=self.cpu_pix[:n])
+            pix = pix.to(self.compute_dtype)
             feats = self.tower.forward_features(pix)
             bad = ~torch.isfinite(feats).all()
             if self.check_range:
@@ -626,19 +655,24 @@ def _extract(cfg: ExtractConfig, progress: Progress | None) -> Summary:
 
     t0 = time.perf_counter()
     run = _prepare(cfg)
-    t_prepared = time.perf_counter()
     out = run.out
-    dist = distributed.setup(run.device)
     decode: _Decode | None = None
+    dist = None
     try:
         plan = None
-        if dist.is_main:
+        rank, world, _ = distributed.env_world()
+        if rank == 0:
             plan = extend(run.existing_plan, run.items, shard_size=cfg.shard_size,
                           sources=run.sources, identity=run.identity)
-        if dist.world == 1:
-            # Start decoding now: the workers get going while the model loads.
+        if world == 1:
+            # Start decoding now: the workers get going while torch and the model load.
             finished = {} if cfg.overwrite or not out.is_dir() else scan_shards(out)
             decode = _Decode(run, plan, [c for c in plan.chunks if c.id not in finished])
+        _settle(run)  # imports torch; may still refuse the run (nothing is written yet)
+        if plan is not None and run.existing_plan is None:
+            plan.header["identity"] = run.identity  # now with the compute dtype
+        t_prepared = time.perf_counter()
+        dist = distributed.setup(run.device)
         # Load (and so validate) the weights before anything is written to OUT.
         t_load = time.perf_counter()
         _load_tower(run)
@@ -670,7 +704,8 @@ def _extract(cfg: ExtractConfig, progress: Progress | None) -> Summary:
     finally:
         if decode is not None:
             decode.close()
-        dist.close()
+        if dist is not None:
+            dist.close()
     summary.seconds = time.perf_counter() - t0
     summary.stats.setdefault("seconds", {}).update(
         prepare=round(t_prepared - t0, 3), model_load=round(t_loaded - t_load, 3)

@@ -312,3 +312,42 @@ def test_describe_error_is_one_line():
 def test_bad_arguments_are_config_errors(spec, kwargs, match):
     with pytest.raises(ConfigError, match=match), DecodePool(spec, **kwargs):
         pass
+
+
+def test_pixels_frame_is_read_whole_or_reported_as_a_dead_worker(spec):
+    """Pixels come back as one raw frame after a small header; a worker dying mid-frame
+    must surface as EOF (handled as a crash), never as an image with missing bytes."""
+    import socket
+    import struct
+
+    from clipfeat.decode import _Run, _Worker
+    from multiprocessing.connection import Connection
+
+    pool = DecodePool(spec, workers=1)
+    run = _Run(pool, iter([]))
+    try:
+        n = 3 * SIZE * SIZE
+        pixels = np.arange(n, dtype=np.uint8).reshape(3, SIZE, SIZE)
+
+        a, b = socket.socketpair()
+        sender, receiver = Connection(a.detach()), Connection(b.detach())
+        sender.send_bytes(memoryview(pixels).cast("B"))  # what a worker sends
+        got = run._receive_pixels(_Worker(None, receiver))
+        np.testing.assert_array_equal(got, pixels)
+
+        sender._send(struct.pack("!i", n) + bytes(100))  # header, then the worker dies
+        sender.close()
+        with pytest.raises(EOFError):
+            run._receive_pixels(_Worker(None, receiver))
+        receiver.close()
+
+        a, b = socket.socketpair()
+        sender, receiver = Connection(a.detach()), Connection(b.detach())
+        sender.send_bytes(b"x" * (n - 1))
+        with pytest.raises(RuntimeError, match="bytes of pixels"):
+            run._receive_pixels(_Worker(None, receiver))
+        sender.close()
+        receiver.close()
+    finally:
+        run.close()
+        pool.close()

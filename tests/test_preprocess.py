@@ -391,6 +391,27 @@ def test_normalizer_is_bit_exact_for_every_uint8_value(make):
     assert torch.equal(norm(batch[1]), ref[1].float())  # unbatched (3, H, W) works too
 
 
+@pytest.mark.parametrize("rescale, arithmetic", [(1 / 255, True), (0.0039, False)])
+def test_normalizer_cpu_paths_match_the_processor(rescale, arithmetic):
+    """On a CPU the arithmetic is used only where it reproduces every value; a rescale
+    factor that is not 1/n falls back to the lookup table. Both equal the HF processor."""
+    proc = CLIPProc(size={"height": 16, "width": 16}, crop_size=16, rescale_factor=rescale)
+    norm = Normalizer(PreprocessSpec.from_processor(proc))
+    assert (norm._arith_consts() is not None) is arithmetic
+    rng = np.random.default_rng(1)
+    a = np.stack([rng.permutation(256).reshape(16, 16) for _ in range(3)], -1).astype(np.uint8)
+    ref = proc(Image.fromarray(a), return_tensors="pt")["pixel_values"].float()
+    batch = torch.from_numpy(a.transpose(2, 0, 1).copy())[None]
+    out = torch.full((1, 3, 16, 16), float("nan"))
+    got = norm(batch, out=out)
+    assert got is out
+    assert torch.equal(got, ref)
+    with pytest.raises(ValueError, match="out must be float32"):
+        norm(batch, out=torch.empty(1, 3, 16, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match="out must be float32"):
+        norm(batch, out=torch.empty(2, 3, 16, 16))
+
+
 def test_normalizer_rejects_wrong_input():
     norm = Normalizer(PreprocessSpec.from_processor_config(None, family="clip", image_size=4))
     with pytest.raises(TypeError, match="uint8"):
