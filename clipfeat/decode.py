@@ -304,6 +304,22 @@ def _worker_main(conn: Any, main_pid: int, decode_fn: DecodeFn | str, spec: Prep
 # The parent side
 
 
+def _startup_hint() -> str:
+    """What to do when workers die before they are ready.
+
+    The usual cause: a script calling clipfeat at its top level without a
+    ``if __name__ == "__main__":`` guard. Workers re-import the main script (as
+    multiprocessing's spawn and forkserver do), which calls clipfeat again in the worker.
+    """
+    main = sys.modules.get("__main__")
+    script = getattr(main, "__file__", None)
+    if script and getattr(getattr(main, "__spec__", None), "name", None) is None:
+        return (f"if {os.path.basename(script)} calls clipfeat at its top level, put the call "
+                "under `if __name__ == \"__main__\":` (workers re-import the main script); "
+                "otherwise run with --workers 0 to see the error")
+    return "run with --workers 0 to see the error"
+
+
 def _read_exact(fd: int, n: int) -> bytes:
     parts = []
     while n > 0:
@@ -556,6 +572,7 @@ class _Run:
         self.out: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._lock = threading.Lock()
         self._taken = 0  # results the consumer has taken
+        self._throttled = False  # the manager waits for the consumer to take results
         self._stop = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -572,9 +589,13 @@ class _Run:
     # -- called from the consumer thread ----------------------------------------------------
 
     def took_one(self) -> None:
+        # Wake the manager only when it stopped pulling items for want of room: a wake-up
+        # per result would cost a round of its loop (and a GIL hand-off) per image.
         with self._lock:
             self._taken += 1
-        self._wake()
+            wake, self._throttled = self._throttled, False
+        if wake:
+            self._wake()
 
     def stop(self) -> None:
         self._stop = True
@@ -661,20 +682,25 @@ class _Run:
             pass
 
     def _pull(self) -> None:
-        with self._lock:
-            taken = self._taken
-        while not self.exhausted and self.next_seq - taken < self.pool.max_pending:
-            try:
-                item = next(self.items)
-            except StopIteration:
-                self.exhausted = True
-                break
-            index, key, path = item
-            seq = self.next_seq
-            self.next_seq += 1
-            self.meta[seq] = (index, key, os.fspath(path))
-            self.attempts[seq] = 1
-            self.pending.append(seq)
+        while True:
+            with self._lock:  # decided under the lock that took_one() holds: no lost wake-up
+                room = self.pool.max_pending - (self.next_seq - self._taken)
+                if self.exhausted or room <= 0:
+                    self._throttled = not self.exhausted
+                    return
+                self._throttled = False
+            for _ in range(room):
+                try:
+                    item = next(self.items)
+                except StopIteration:
+                    self.exhausted = True
+                    break
+                index, key, path = item
+                seq = self.next_seq
+                self.next_seq += 1
+                self.meta[seq] = (index, key, os.fspath(path))
+                self.attempts[seq] = 1
+                self.pending.append(seq)
 
     def _emit(self) -> None:
         while self.next_out in self.results:
@@ -785,7 +811,7 @@ class _Run:
             if self.startup_failures > 3:
                 raise ExtractionError(
                     f"decode workers fail to start (last exit code {code}); "
-                    "run with --workers 0 to see the error"
+                    + _startup_hint()
                 )
             log.warning("decode worker failed to start (exit code %s); restarting", code)
             self._replace(w)

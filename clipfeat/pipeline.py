@@ -889,7 +889,7 @@ def _run_chunks(
         while len(in_flight) > (1 if dev.cuda else 0):
             drain_one()
         if tuner is not None:
-            tuner.step(feeder.waited, device_s[0])
+            tuner.step(feeder.waited, device_s[0], feeder.q.qsize(), cfg.batch_size)
 
     try:
         for c in mine:
@@ -942,11 +942,14 @@ def _run_chunks(
 
 
 class _ThreadTuner:
-    """On a CPU run, give torch's intra-op threads back to the decode workers when the loop
-    waits for pixels, and take them again when it does not.
+    """On a CPU run, give torch's intra-op threads back to the decode workers when decoding
+    falls behind, and take them again when it keeps up.
 
-    torch's threads stall as a group when one is preempted by a decode worker, so a
-    decode-bound run goes faster with fewer of them, and a compute-bound run needs them all.
+    torch's threads stall as a group when one is preempted by a decode worker, and two
+    threads cost more CPU per image than one, so a decode-bound run goes faster with fewer
+    of them while a compute-bound run needs them all. Decoding falls behind when the loop
+    waits for pixels, or (before it has to wait) when the backlog of decoded images it
+    started with shrinks.
     """
 
     EVERY = 8  # batches between decisions
@@ -955,8 +958,9 @@ class _ThreadTuner:
         self.max = self.threads = threads
         self.batches = 0
         self.last = (0.0, 0.0)
+        self.last_backlog: int | None = None
 
-    def step(self, waited: float, device: float) -> None:
+    def step(self, waited: float, device: float, backlog: int, batch_size: int) -> None:
         import torch
 
         self.batches += 1
@@ -964,18 +968,21 @@ class _ThreadTuner:
             return
         dw, dd = waited - self.last[0], device - self.last[1]
         self.last = (waited, device)
+        shrank = (self.last_backlog is not None
+                  and self.last_backlog - backlog > self.EVERY * batch_size // 4)
+        self.last_backlog = backlog
         total = dw + dd
         if total <= 0:
             return
-        if dw > 0.25 * total and self.threads > 1:
+        if (dw > 0.25 * total or shrank) and self.threads > 1:
             self.threads -= 1
-        elif dw < 0.05 * total and self.threads < self.max:
+        elif dw < 0.05 * total and not shrank and self.threads < self.max:
             self.threads += 1
         else:
             return
         torch.set_num_threads(self.threads)
-        logger.debug("torch intra-op threads -> %d (waited %.2fs for decode, %.2fs on device)",
-                     self.threads, dw, dd)
+        logger.debug("torch intra-op threads -> %d (waited %.2fs for decode, %.2fs on device, "
+                     "backlog %d)", self.threads, dw, dd, backlog)
 
 
 def _stop_writer(writer: _Writer) -> None:

@@ -351,3 +351,37 @@ def test_pixels_frame_is_read_whole_or_reported_as_a_dead_worker(spec):
     finally:
         run.close()
         pool.close()
+
+
+def test_unguarded_script_gets_a_clear_error(tmp_path):
+    """A script using the pool at its top level (no ``if __name__ == "__main__":``) makes
+    every worker re-run it; the error must say how to fix the script. Guarded, it works."""
+    img = tmp_path / "a.png"
+    Image.new("RGB", (40, 30), (10, 200, 30)).save(img)
+    body = textwrap.dedent("""\
+        import sys
+        from clipfeat.decode import DecodePool
+        from clipfeat.preprocess import PreprocessSpec
+
+        def run():
+            spec = PreprocessSpec.from_processor_config(None, family="clip", image_size=30)
+            with DecodePool(spec, workers=1) as pool:
+                res = list(pool.imap([(0, "a", sys.argv[1])]))
+            print("decoded", res[0].error is None)
+        """)
+    bare = tmp_path / "bare_script.py"
+    bare.write_text(body + "run()\n")
+    guarded = tmp_path / "guarded_script.py"
+    guarded.write_text(body + "if __name__ == '__main__':\n    run()\n")
+
+    p = subprocess.run([sys.executable, str(bare), str(img)], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode != 0
+    last = p.stderr.strip().splitlines()[-1]
+    assert "decode workers fail to start" in last
+    assert "bare_script.py" in last and 'if __name__ == "__main__":' in last
+
+    p = subprocess.run([sys.executable, str(guarded), str(img)], capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "decoded True"
