@@ -452,12 +452,7 @@ class _Feeder(threading.Thread):
     def run(self) -> None:
         try:
             for res in self.pool.imap(self.tasks):
-                while not self.stop.is_set():
-                    try:
-                        self.q.put(res, timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
+                self._put(res)
                 if self.stop.is_set():
                     return
             self._put(_STOP)
