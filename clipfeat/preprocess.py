@@ -10,11 +10,12 @@ the heavy part can run in decode workers without torch:
 * :class:`Normalizer` turns a uint8 batch into the processor's float32 ``pixel_values`` with a
   per-channel lookup table, on any torch device, bit for bit.
 
-Resizing is always done on the whole image with ``PIL.Image.resize`` and then cropped, exactly
-like the processor. Resizing only the crop window (``resize(box=...)``) is *not* exact: Pillow
-passes the box to C as single-precision floats and picks the order of its two passes itself, so
-the filter taps drift. Pathological aspect ratios, where the reference would allocate a huge
-intermediate image, are refused against ``max_pixels`` instead.
+The processor resizes the whole image with ``PIL.Image.resize`` and then crops. When the C
+accelerator is built, :mod:`clipfeat.fastresize` computes only the kept window with Pillow's
+own fixed-point arithmetic (the same pixels); otherwise Pillow does it as the processor does.
+Pillow's ``resize(box=...)`` is *not* a way to do that exactly: the box reaches C as
+single-precision floats and moves the filter taps. Pathological aspect ratios, where the
+reference would allocate a huge intermediate image, are refused against ``max_pixels``.
 """
 
 from __future__ import annotations
@@ -510,8 +511,11 @@ def to_uint8(
         img = expand2square(img, spec.pad_color)
 
     rh, rw = spec.resized_size(img.height, img.width)
-    if (rw, rh) != img.size:  # an equal size is a copy in PIL: skip it
-        img = img.resize((rw, rh), resample=spec.resample)
+    if (rw, rh) != img.size:
+        fast = _resize_crop_native(img, (rw, rh), spec)
+        if fast is not None:
+            return fast
+        img = img.resize((rw, rh), resample=spec.resample)  # (an equal size: a copy; skipped)
 
     if spec.do_center_crop:
         ch, cw = spec.crop_height, spec.crop_width
@@ -529,6 +533,29 @@ def to_uint8(
     else:
         arr = np.asarray(img)  # (rh, rw, 3)
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def _resize_crop_native(
+    img: Image.Image, size: tuple[int, int], spec: PreprocessSpec
+) -> np.ndarray | None:
+    """The resize + crop of :func:`to_uint8` by :mod:`clipfeat.fastresize` (only the kept
+    pixels are computed; the same pixels as Pillow), or None to let Pillow do it."""
+    import numpy as np
+
+    from clipfeat.fastresize import resize_crop
+
+    rw, rh = size
+    if not spec.do_center_crop:
+        return resize_crop(img, size, (0, 0, rw, rh), spec.resample)
+    ch, cw = spec.crop_height, spec.crop_width
+    y0, ny, dy = _crop_window(rh, ch)  # type: ignore[arg-type]
+    x0, nx, dx = _crop_window(rw, cw)  # type: ignore[arg-type]
+    kept = resize_crop(img, size, (x0, y0, nx, ny), spec.resample)
+    if kept is None or (ny, nx) == (ch, cw):
+        return kept
+    out = np.zeros((3, ch, cw), dtype=np.uint8)  # type: ignore[arg-type]
+    out[:, dy:dy + ny, dx:dx + nx] = kept
+    return out
 
 
 # --------------------------------------------------------------------------------------------

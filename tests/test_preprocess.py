@@ -141,8 +141,22 @@ ALL_FILES = [f[0] for f in FILES] + ["anim.gif", "anim.webp", "anim.png", "pages
                                      "exif6.jpg"]
 
 
+@pytest.fixture(params=["native", "pillow"])
+def resize_path(request, monkeypatch):
+    """Run a test with clipfeat's C resize (when built) and with Pillow's."""
+    from clipfeat import fastresize
+
+    if request.param == "pillow":
+        monkeypatch.setattr(fastresize, "_state", (None, None, "pillow (test)"))
+    else:
+        monkeypatch.setattr(fastresize, "_state", None)
+        if not fastresize.status().startswith("native"):
+            pytest.skip(fastresize.status())
+    return request.param
+
+
 @pytest.mark.parametrize("name", ALL_FILES)
-def test_pixels_match_hf_processor_every_mode_format_and_size(image_dir, name):
+def test_pixels_match_hf_processor_every_mode_format_and_size(image_dir, name, resize_path):
     path = image_dir / name
     for pname, make in PROCESSORS.items():
         proc = make()
@@ -155,7 +169,7 @@ def test_pixels_match_hf_processor_every_mode_format_and_size(image_dir, name):
                 f"{(got - ref).abs().max().item()}"
 
 
-def test_photo_640x480_at_336_matches_hf(tmp_path, config_only_vitl336):
+def test_photo_640x480_at_336_matches_hf(tmp_path, config_only_vitl336, resize_path):
     """A real-size case (ViT-L/14-336 processor loaded from a checkpoint folder)."""
     path = tmp_path / "photo.jpg"
     Image.fromarray(imagegen.photo_array(640, 480, seed=5)).save(path, quality=92)
@@ -167,7 +181,7 @@ def test_photo_640x480_at_336_matches_hf(tmp_path, config_only_vitl336):
         assert torch.equal(ours(path, spec, aspect), reference_pixels(path, proc, aspect))
 
 
-def test_random_sizes_match_hf_including_extreme_aspect_ratios():
+def test_random_sizes_match_hf_including_extreme_aspect_ratios(resize_path):
     rng = np.random.default_rng(0)
     sizes = [(1, 1), (1, 2), (2, 1), (1, 500), (500, 1), (2, 333), (333, 3), (5, 5),
              (29, 31), (31, 29), (17, 4), (4, 17)]
