@@ -13,9 +13,11 @@ import logging
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, Sequence
@@ -448,6 +450,7 @@ class _Feeder(threading.Thread):
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
         self.waited = 0.0  # seconds the device loop waited for decoded images
+        self.drained = False  # every image is decoded (the rest is in the queue)
 
     def run(self) -> None:
         try:
@@ -455,6 +458,7 @@ class _Feeder(threading.Thread):
                 self._put(res)
                 if self.stop.is_set():
                     return
+            self.drained = True
             self._put(_STOP)
         except BaseException as err:
             self._put(err)
@@ -663,15 +667,16 @@ def _extract(cfg: ExtractConfig, progress: Progress | None) -> Summary:
             # Start decoding now: the workers get going while torch and the model load.
             finished = {} if cfg.overwrite or not out.is_dir() else scan_shards(out)
             decode = _Decode(run, plan, [c for c in plan.chunks if c.id not in finished])
-        _settle(run)  # imports torch; may still refuse the run (nothing is written yet)
-        if plan is not None and run.existing_plan is None:
-            plan.header["identity"] = run.identity  # now with the compute dtype
-        t_prepared = time.perf_counter()
-        dist = distributed.setup(run.device)
-        # Load (and so validate) the weights before anything is written to OUT.
-        t_load = time.perf_counter()
-        _load_tower(run)
-        t_loaded = time.perf_counter()
+        with _handing_off_often(decode is not None):
+            _settle(run)  # imports torch; may still refuse the run (nothing is written yet)
+            if plan is not None and run.existing_plan is None:
+                plan.header["identity"] = run.identity  # now with the compute dtype
+            t_prepared = time.perf_counter()
+            dist = distributed.setup(run.device)
+            # Load (and so validate) the weights before anything is written to OUT.
+            t_load = time.perf_counter()
+            _load_tower(run)
+            t_loaded = time.perf_counter()
         if dist.is_main:
             _write_plan(out, plan, overwrite=cfg.overwrite, save=save)
             remove_partials(out)
@@ -706,6 +711,21 @@ def _extract(cfg: ExtractConfig, progress: Progress | None) -> Summary:
         prepare=round(t_prepared - t0, 3), model_load=round(t_loaded - t_load, 3)
     )
     return summary
+
+
+@contextmanager
+def _handing_off_often(active: bool) -> Iterator[None]:
+    """While torch and transformers import (seconds of Python holding the GIL), hand the GIL
+    over every 0.5 ms instead of every 5: the decode manager thread needs it for every image
+    it receives, and a worker whose result is not read stops decoding."""
+    old = sys.getswitchinterval()
+    if active:
+        sys.setswitchinterval(min(old, 0.0005))
+    try:
+        yield
+    finally:
+        if active:
+            sys.setswitchinterval(old)
 
 
 def _write_plan(out: Path, plan: Any, *, overwrite: bool, save: Callable[..., None]) -> None:
@@ -753,10 +773,11 @@ class _Decode:
                     if not it.error:
                         yield (it.index, it.key, it.path)
 
-        # Room for a few batches, more while the model loads, at most ~256 MiB of pixels.
+        # Room for a few batches, and for what the workers decode while torch and the model
+        # load (seconds): at most ~512 MiB of pixels.
         image_bytes = 3 * run.spec.out_height * run.spec.out_width
         depth = max(2 * cfg.batch_size, 4 * max(1, cfg.num_workers),
-                    min(1024, (256 << 20) // image_bytes))
+                    min(2048, (512 << 20) // image_bytes))
         self.feeder = _Feeder(self.pool, tasks(), depth=depth)
         self.feeder.start()
 
@@ -884,7 +905,7 @@ def _run_chunks(
         while len(in_flight) > (1 if dev.cuda else 0):
             drain_one()
         if tuner is not None:
-            tuner.step(feeder.waited, device_s[0])
+            tuner.step(feeder.waited, device_s[0], decoding=not feeder.drained)
 
     try:
         for c in mine:
@@ -942,6 +963,7 @@ class _ThreadTuner:
 
     torch's threads stall as a group when one is preempted by a decode worker, so a
     decode-bound run goes faster with fewer of them, and a compute-bound run needs them all.
+    Once every image is decoded, what is left is the forward alone: all threads go back.
     (A shrinking backlog of decoded images is not a reason to give one back: a compute-bound
     run lives on that backlog, and halving its threads early cost vitb32 a tenth of its
     speed.)
@@ -954,10 +976,16 @@ class _ThreadTuner:
         self.batches = 0
         self.last = (0.0, 0.0)
 
-    def step(self, waited: float, device: float) -> None:
+    def step(self, waited: float, device: float, decoding: bool = True) -> None:
         import torch
 
         self.batches += 1
+        if not decoding:  # the workers are done: the rest of the run is the forward alone
+            if self.threads < self.max:
+                self.threads = self.max
+                torch.set_num_threads(self.threads)
+                logger.debug("torch intra-op threads -> %d (decoding is done)", self.threads)
+            return
         if self.batches % self.EVERY:
             return
         dw, dd = waited - self.last[0], device - self.last[1]

@@ -310,5 +310,8 @@ def test_thread_tuner_follows_the_bottleneck():
         assert window(1.0, 9.0) == 1  # 10% waiting: leave it
         assert window(0.1, 9.9) == 2  # decoding keeps up again: take it back
         assert torch.get_num_threads() == 2
+        assert window(5.0, 5.0) == 1
+        tuner.step(waited, device, decoding=False)  # every image is decoded: all threads, now
+        assert tuner.threads == torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
