@@ -2,8 +2,9 @@
 
 Prints, for the benchmark photos (640x480 JPEG) and the tiny336 tower (336 px):
 
-  decode      Pillow open + decode, the bicubic resize to 448x336, and clipfeat's whole
-              file -> uint8 (3, 336, 336) path, in this process (one core)
+  decode      Pillow open + decode, the bicubic resize to 448x336, the resize + centre crop
+              to uint8 (3, 336, 336) by Pillow and by clipfeat's C resize (kept window
+              only, same pixels), and clipfeat's whole file -> uint8 path, in this process
   pool        the decode workers: wall time, and CPU time and page faults per image in the
               workers and in the main process (where the manager thread receives pixels)
   normalise   uint8 -> float32 pixel values for a batch of 64: the lookup table vs the
@@ -54,10 +55,13 @@ def main() -> None:
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "clipfeat-bench"))
     args = ap.parse_args()
 
+    import numpy as np
     import torch
     from PIL import Image
 
+    from clipfeat import fastresize
     from clipfeat.decode import DecodePool, decode_file
+    from clipfeat.fastresize import resize_crop
     from clipfeat.preprocess import Normalizer, PreprocessSpec, load_image
     from clipfeat.tower import CLIPVisionTower
 
@@ -69,6 +73,10 @@ def main() -> None:
     print(f"{len(photos)} photos 640x480 JPEG, tiny336 tower, {os.cpu_count()} CPUs")
     print("decode, one process (ms per image):")
 
+    def pillow_crop(img: Image.Image) -> np.ndarray:
+        out = img.resize((448, 336), Image.BICUBIC).crop((56, 0, 392, 336))
+        return np.ascontiguousarray(np.asarray(out).transpose(2, 0, 1))
+
     def open_decode(p: str) -> None:
         with Image.open(p) as im:
             im.load()
@@ -78,6 +86,14 @@ def main() -> None:
     print(f"  Pillow open + decode              {per_image(open_decode, photos):6.2f}")
     print(f"  bicubic resize 640x480 -> 448x336 "
           f"{per_image(lambda _: next(it).resize((448, 336), Image.BICUBIC), loaded):6.2f}")
+    it = iter(loaded * 4)
+    print(f"  resize + crop + CHW, Pillow       "
+          f"{per_image(lambda _: pillow_crop(next(it)), loaded):6.2f}")
+    it = iter(loaded * 4)
+    window = (56, 0, 336, 336)
+    print(f"  resize + crop + CHW, clipfeat C   "
+          f"{per_image(lambda _: resize_crop(next(it), (448, 336), window, 3), loaded):6.2f}"
+          f"   ({fastresize.status()})")
     print(f"  clipfeat file -> uint8            "
           f"{per_image(lambda p: decode_file(p, spec), photos):6.2f}")
 
