@@ -510,51 +510,30 @@ def to_uint8(
     if aspect == "pad":
         img = expand2square(img, spec.pad_color)
 
-    rh, rw = spec.resized_size(img.height, img.width)
-    if (rw, rh) != img.size:
-        fast = _resize_crop_native(img, (rw, rh), spec)
-        if fast is not None:
-            return fast
-        img = img.resize((rw, rh), resample=spec.resample)  # (an equal size: a copy; skipped)
+    from clipfeat.fastresize import resize_crop
 
-    if spec.do_center_crop:
+    rh, rw = spec.resized_size(img.height, img.width)
+    if spec.do_center_crop:  # the kept window (x0, y0, nx, ny), placed at (dx, dy) in the crop
         ch, cw = spec.crop_height, spec.crop_width
         y0, ny, dy = _crop_window(rh, ch)  # type: ignore[arg-type]
         x0, nx, dx = _crop_window(rw, cw)  # type: ignore[arg-type]
-        if (ny, nx) == (ch, cw):
-            if (ny, nx) != (rh, rw):  # crop in PIL: only the kept pixels become an array
-                img = img.crop((x0, y0, x0 + nx, y0 + ny))
-            arr = np.asarray(img)
-        else:
-            arr = np.asarray(img)  # (rh, rw, 3)
-            out = np.zeros((3, ch, cw), dtype=np.uint8)  # type: ignore[arg-type]
-            out[:, dy:dy + ny, dx:dx + nx] = arr[y0:y0 + ny, x0:x0 + nx].transpose(2, 0, 1)
-            return out
     else:
-        arr = np.asarray(img)  # (rh, rw, 3)
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+        (ch, cw), (y0, ny, dy), (x0, nx, dx) = (rh, rw), (0, rh, 0), (0, rw, 0)
 
-
-def _resize_crop_native(
-    img: Image.Image, size: tuple[int, int], spec: PreprocessSpec
-) -> np.ndarray | None:
-    """The resize + crop of :func:`to_uint8` by :mod:`clipfeat.fastresize` (only the kept
-    pixels are computed; the same pixels as Pillow), or None to let Pillow do it."""
-    import numpy as np
-
-    from clipfeat.fastresize import resize_crop
-
-    rw, rh = size
-    if not spec.do_center_crop:
-        return resize_crop(img, size, (0, 0, rw, rh), spec.resample)
-    ch, cw = spec.crop_height, spec.crop_width
-    y0, ny, dy = _crop_window(rh, ch)  # type: ignore[arg-type]
-    x0, nx, dx = _crop_window(rw, cw)  # type: ignore[arg-type]
-    kept = resize_crop(img, size, (x0, y0, nx, ny), spec.resample)
-    if kept is None or (ny, nx) == (ch, cw):
+    kept = None
+    if (rw, rh) != img.size:  # (an equal size is a copy in PIL: skipped)
+        # The C resize computes the kept window only (None: not built, or not reproducible).
+        kept = resize_crop(img, (rw, rh), (x0, y0, nx, ny), spec.resample)
+        if kept is None:
+            img = img.resize((rw, rh), resample=spec.resample)
+    if kept is None:
+        if (ny, nx) != (rh, rw):  # crop in PIL: only the kept pixels become an array
+            img = img.crop((x0, y0, x0 + nx, y0 + ny))
+        kept = np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))
+    if (ny, nx) == (ch, cw):
         return kept
     out = np.zeros((3, ch, cw), dtype=np.uint8)  # type: ignore[arg-type]
-    out[:, dy:dy + ny, dx:dx + nx] = kept
+    out[:, dy:dy + ny, dx:dx + nx] = kept  # a crop larger than the image: zero-padded
     return out
 
 
