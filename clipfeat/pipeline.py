@@ -13,11 +13,9 @@ import logging
 import os
 import queue
 import signal
-import sys
 import threading
 import time
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, Sequence
@@ -667,16 +665,15 @@ def _extract(cfg: ExtractConfig, progress: Progress | None) -> Summary:
             # Start decoding now: the workers get going while torch and the model load.
             finished = {} if cfg.overwrite or not out.is_dir() else scan_shards(out)
             decode = _Decode(run, plan, [c for c in plan.chunks if c.id not in finished])
-        with _handing_off_often(decode is not None):
-            _settle(run)  # imports torch; may still refuse the run (nothing is written yet)
-            if plan is not None and run.existing_plan is None:
-                plan.header["identity"] = run.identity  # now with the compute dtype
-            t_prepared = time.perf_counter()
-            dist = distributed.setup(run.device)
-            # Load (and so validate) the weights before anything is written to OUT.
-            t_load = time.perf_counter()
-            _load_tower(run)
-            t_loaded = time.perf_counter()
+        _settle(run)  # imports torch; may still refuse the run (nothing is written yet)
+        if plan is not None and run.existing_plan is None:
+            plan.header["identity"] = run.identity  # now with the compute dtype
+        t_prepared = time.perf_counter()
+        dist = distributed.setup(run.device)
+        # Load (and so validate) the weights before anything is written to OUT.
+        t_load = time.perf_counter()
+        _load_tower(run)
+        t_loaded = time.perf_counter()
         if dist.is_main:
             _write_plan(out, plan, overwrite=cfg.overwrite, save=save)
             remove_partials(out)
@@ -711,21 +708,6 @@ def _extract(cfg: ExtractConfig, progress: Progress | None) -> Summary:
         prepare=round(t_prepared - t0, 3), model_load=round(t_loaded - t_load, 3)
     )
     return summary
-
-
-@contextmanager
-def _handing_off_often(active: bool) -> Iterator[None]:
-    """While torch and transformers import (seconds of Python holding the GIL), hand the GIL
-    over every 0.5 ms instead of every 5: the decode manager thread needs it for every image
-    it receives, and a worker whose result is not read stops decoding."""
-    old = sys.getswitchinterval()
-    if active:
-        sys.setswitchinterval(min(old, 0.0005))
-    try:
-        yield
-    finally:
-        if active:
-            sys.setswitchinterval(old)
 
 
 def _write_plan(out: Path, plan: Any, *, overwrite: bool, save: Callable[..., None]) -> None:
@@ -773,11 +755,10 @@ class _Decode:
                     if not it.error:
                         yield (it.index, it.key, it.path)
 
-        # Room for a few batches, and for what the workers decode while torch and the model
-        # load (seconds; about 1100 images of 336 px on 2 cores): at most ~384 MiB of pixels.
+        # Room for a few batches, more while the model loads, at most ~256 MiB of pixels.
         image_bytes = 3 * run.spec.out_height * run.spec.out_width
         depth = max(2 * cfg.batch_size, 4 * max(1, cfg.num_workers),
-                    min(2048, (384 << 20) // image_bytes))
+                    min(1024, (256 << 20) // image_bytes))
         self.feeder = _Feeder(self.pool, tasks(), depth=depth)
         self.feeder.start()
 
