@@ -18,6 +18,7 @@
 #include <string.h>
 
 #define PB 22 /* Pillow's PRECISION_BITS for 8-bit images */
+#define BLOCK 64 /* rows per transposed block of the horizontal pass */
 
 #if defined(__has_attribute)
 #if __has_attribute(target_clones) && defined(__x86_64__)
@@ -96,23 +97,29 @@ static int resample_region(const uint8_t *src, ptrdiff_t srs,
     int rc = -1;
     if (!acc || !line) goto done;
     if (hfirst) {
-        /* The rows the vertical pass reads, transposed (t1[c][r][3]) so that the horizontal
-         * pass is a sum of contiguous rows too; its result goes back row-major (t2[r][j][3]). */
-        t1 = malloc((size_t)C * R * 3);
+        /* The horizontal pass over the rows the vertical pass reads, BLOCK rows at a time:
+         * each block is transposed (t1[c][i][3]) so that every output column is a sum of
+         * contiguous runs, and written back row-major (t2[r][j][3]). Then the vertical pass
+         * over t2, written planar. */
+        int block = R < BLOCK ? R : BLOCK;
+        t1 = malloc((size_t)C * block * 3);
         t2 = malloc((size_t)R * nx * 3);
         if (!t1 || !t2) goto done;
-        for (int r = 0; r < R; r++) {
-            const uint8_t *s = src + (ptrdiff_t)(r0 + r) * srs + (ptrdiff_t)c0 * 3;
-            uint8_t *d = t1 + (ptrdiff_t)r * 3;
-            for (int c = 0; c < C; c++) {
-                uint8_t *dc = d + (ptrdiff_t)c * R * 3;
-                dc[0] = s[3 * c];
-                dc[1] = s[3 * c + 1];
-                dc[2] = s[3 * c + 2];
+        for (int rb = 0; rb < R; rb += block) {
+            int nr = R - rb < block ? R - rb : block;
+            for (int i = 0; i < nr; i++) {
+                const uint8_t *s = src + (ptrdiff_t)(r0 + rb + i) * srs + (ptrdiff_t)c0 * 3;
+                uint8_t *d = t1 + (ptrdiff_t)i * 3;
+                for (int c = 0; c < C; c++) {
+                    uint8_t *dc = d + (ptrdiff_t)c * nr * 3;
+                    dc[0] = s[3 * c];
+                    dc[1] = s[3 * c + 1];
+                    dc[2] = s[3 * c + 2];
+                }
             }
+            filter_pass(t1, (ptrdiff_t)nr * 3, c0, nx, hb, hk, hks, nr * 3, acc, line,
+                        t2 + (ptrdiff_t)rb * nx * 3, 3, (ptrdiff_t)nx * 3, 1);
         }
-        filter_pass(t1, (ptrdiff_t)R * 3, c0, nx, hb, hk, hks, R * 3, acc, line,
-                    t2, 3, (ptrdiff_t)nx * 3, 1);
         filter_pass(t2, (ptrdiff_t)nx * 3, r0, ny, vb, vk, vks, nx * 3, acc, line,
                     out, nx, 1, plane);
     } else {

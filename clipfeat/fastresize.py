@@ -40,6 +40,9 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["coefficients", "resize_crop", "status"]
 
 _BILINEAR, _BICUBIC = 2, 3  # PIL.Image.Resampling codes
+#: Larger sources go to Pillow: the C path works on a copy of the source pixels (3 bytes a
+#: pixel, 75 MB at this size), which per worker should stay small next to the image itself.
+MAX_SOURCE_PIXELS = 25_000_000
 _SUPPORT = {_BILINEAR: 1.0, _BICUBIC: 2.0}
 _PRECISION = float(1 << 22)  # Pillow's PRECISION_BITS for 8-bit images
 
@@ -196,10 +199,12 @@ def resize_crop(
     """``img.resize(size, resample).crop(window)`` as uint8 (3, h, w), or None.
 
     ``img`` must be RGB; ``window`` is (x0, y0, width, height) inside the resized image.
-    None means "use Pillow": no accelerator, an unsupported filter, or nothing to resize.
+    None means "use Pillow": no accelerator, an unsupported filter, nothing to resize, or a
+    source over :data:`MAX_SOURCE_PIXELS`.
     """
     native, rule, _ = _load()
-    if native is None or resample not in _SUPPORT or img.mode != "RGB" or size == img.size:
+    if (native is None or resample not in _SUPPORT or img.mode != "RGB" or size == img.size
+            or img.width * img.height > MAX_SOURCE_PIXELS):
         return None
     x0, y0, cw, ch = window
     rw, rh = size

@@ -109,6 +109,17 @@ def test_what_it_does_not_reproduce_goes_to_pillow(native):
     assert fastresize.resize_crop(img, (10, 8), (5, 0, 10, 8), BICUBIC) is None  # outside
 
 
+def test_large_sources_go_to_pillow(native, monkeypatch):
+    """The C path copies the source; over the limit the (larger) image is Pillow's."""
+    img = Image.fromarray(np.zeros((20, 30, 3), dtype=np.uint8))
+    assert fastresize.resize_crop(img, (15, 10), (0, 0, 15, 10), BICUBIC) is not None
+    monkeypatch.setattr(fastresize, "MAX_SOURCE_PIXELS", 599)
+    assert fastresize.resize_crop(img, (15, 10), (0, 0, 15, 10), BICUBIC) is None
+    spec = PreprocessSpec.from_processor_config(None, family="clip", image_size=12)
+    expected = np.asarray(img.resize((18, 12), BICUBIC).crop((3, 0, 15, 12))).transpose(2, 0, 1)
+    np.testing.assert_array_equal(to_uint8(img, spec), expected)
+
+
 def test_a_pillow_it_does_not_reproduce_turns_it_off(native, monkeypatch):
     """If no pass-order rule reproduces the probes (a future Pillow), Pillow does the work."""
     monkeypatch.setattr(fastresize, "_RULES", {"never": lambda *a: False})
