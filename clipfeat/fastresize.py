@@ -12,10 +12,11 @@ compiler) for the kept window only:
   :func:`coefficients` does the same operations in the same order on IEEE doubles, so the
   integers are Pillow's.
 * Each pass is an integer sum, rounded to uint8 between the passes, so the result depends on
-  the pass order. Pillow before 13 always runs the horizontal pass first; Pillow 13 runs the
-  vertical one first when the height shrinks by more than twice as many pixels as the width.
-  Which rule the installed Pillow follows is found by comparing with Pillow itself, once per
-  process (:func:`status`), on small probes that tell the rules apart.
+  the pass order. Pillow up to 12.1 always runs the horizontal pass first; 12.2 runs the
+  vertical one first for images over 100 times taller than wide; 13 does when the height
+  shrinks by more than twice as many pixels as the width. Which rule the installed Pillow
+  follows is found by comparing with Pillow itself, once per process (:func:`status`), on
+  small probes that tell the rules apart.
 
 If the accelerator is missing, the probes disagree, the platform is not x86-64 (where
 Pillow's builds may fuse multiply-adds in the weights) or ``CLIPFEAT_NATIVE_RESIZE=0`` is set,
@@ -99,11 +100,19 @@ def _horizontal_first_13(w_in: int, h_in: int, w_out: int, h_out: int) -> bool:
     return not (h_in - h_out > 0 and h_in - h_out > (w_in - w_out) * 2)
 
 
-def _horizontal_first_12(w_in: int, h_in: int, w_out: int, h_out: int) -> bool:
+def _horizontal_first_12_2(w_in: int, h_in: int, w_out: int, h_out: int) -> bool:
+    """Pillow 12.2 (in Python, ``Image.resize``): vertical first for images over 100 times
+    taller than wide whose height shrinks."""
+    return not (h_in > w_in * 100 and h_out < h_in)
+
+
+def _horizontal_first_old(w_in: int, h_in: int, w_out: int, h_out: int) -> bool:
+    """Pillow up to 12.1: always the horizontal pass first."""
     return True
 
 
-_RULES = {"pillow>=13": _horizontal_first_13, "pillow<13": _horizontal_first_12}
+_RULES = {"pillow>=13": _horizontal_first_13, "pillow 12.2": _horizontal_first_12_2,
+          "pillow<12.2": _horizontal_first_old}
 
 # (source w, h), (resized w, h), kept window (x0, y0, w, h): downscales, upscales, mixed, and
 # shapes where the two pass-order rules disagree.
@@ -115,6 +124,7 @@ _PROBES = (
     ((47, 47), (34, 26), (0, 0, 34, 26)),
     ((9, 90), (6, 20), (1, 3, 4, 15)),
     ((40, 25), (40, 16), (4, 0, 30, 16)),
+    ((2, 333), (28, 28), (0, 0, 28, 28)),
 )
 
 

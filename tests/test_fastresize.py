@@ -29,8 +29,9 @@ def pillow_crop(img: Image.Image, size, window, resample) -> np.ndarray:
 
 
 def test_calibration_finds_the_installed_pillows_pass_order(native):
-    major = int(PIL.__version__.split(".")[0])
-    expected = "pillow>=13" if major >= 13 else "pillow<13"
+    version = tuple(int(p) for p in PIL.__version__.split(".")[:2])
+    expected = ("pillow>=13" if version >= (13, 0) else
+                "pillow 12.2" if version >= (12, 2) else "pillow<12.2")
     assert fastresize.status() == f"native ({expected} pass order)"
 
 
@@ -54,11 +55,14 @@ def test_random_sizes_and_windows_equal_pillow(native, resample):
     assert checked > 100
 
 
-def test_shapes_where_pillow_13_runs_the_vertical_pass_first(native):
-    """Height shrinking by more than twice the width's shrink (and the mirror image)."""
+def test_shapes_where_pillow_runs_the_vertical_pass_first(native):
+    """Pillow 13: height shrinking by more than twice the width's shrink (and the mirror
+    image); Pillow 12.2: images over 100 times taller than wide."""
     rng = np.random.default_rng(7)
     cases = [((40, 300), (30, 40)), ((640, 4000), (336, 2100)), ((100, 900), (120, 50)),
-             ((300, 40), (40, 30)), ((33, 500), (33, 100)), ((500, 33), (100, 33))]
+             ((300, 40), (40, 30)), ((33, 500), (33, 100)), ((500, 33), (100, 33)),
+             ((2, 333), (28, 28)), ((3, 300), (28, 28)), ((3, 301), (20, 300)),
+             ((1, 1000), (336, 336))]  # and images over 100x taller than wide (Pillow 12.2)
     for (w, h), size in cases:
         img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
         window = (0, size[1] // 4, size[0], size[1] // 2)
