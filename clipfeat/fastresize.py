@@ -95,6 +95,20 @@ def coefficients(in_size: int, out_size: int, resample: int) -> tuple[np.ndarray
     return bounds, weights, ksize
 
 
+@lru_cache(maxsize=256)
+def _window(in_size: int, out_size: int, resample: int, first: int, count: int
+            ) -> tuple[np.ndarray, np.ndarray, int]:
+    """:func:`coefficients` of outputs ``first .. first + count`` only, contiguous (cached:
+    every image of a size needs the same ones)."""
+    import numpy as np
+
+    bounds, weights, ksize = coefficients(in_size, out_size, resample)
+    b = np.ascontiguousarray(bounds[first:first + count])
+    w = np.ascontiguousarray(weights[first:first + count])
+    b.flags.writeable = w.flags.writeable = False
+    return b, w, ksize
+
+
 def _horizontal_first_13(w_in: int, h_in: int, w_out: int, h_out: int) -> bool:
     """Pillow >= 13: vertical pass first when the height shrinks by > 2x the width's shrink."""
     return not (h_in - h_out > 0 and h_in - h_out > (w_in - w_out) * 2)
@@ -153,14 +167,10 @@ def _run(native: Any, img: Image.Image, size: tuple[int, int], window: tuple[int
     import numpy as np
 
     (w, h), (rw, rh), (x0, y0, cw, ch) = img.size, size, window
-    hb, hk, hks = coefficients(w, rw, resample)
-    vb, vk, vks = coefficients(h, rh, resample)
+    hb, hk, hks = _window(w, rw, resample, x0, cw)
+    vb, vk, vks = _window(h, rh, resample, y0, ch)
     out = np.empty((3, ch, cw), dtype=np.uint8)
-    native.resample(img.tobytes(), w, h, w * 3,
-                    np.ascontiguousarray(hb[x0:x0 + cw]), np.ascontiguousarray(hk[x0:x0 + cw]),
-                    hks,
-                    np.ascontiguousarray(vb[y0:y0 + ch]), np.ascontiguousarray(vk[y0:y0 + ch]),
-                    vks, horizontal_first, out)
+    native.resample(img.tobytes(), w, h, w * 3, hb, hk, hks, vb, vk, vks, horizontal_first, out)
     return out
 
 
