@@ -3,8 +3,10 @@
     python benchmarks/bench_memory.py --images 400 4000
 
 Runs the whole command as a subprocess and samples /proc every 0.1 s: the main process's
-own peak (VmHWM) and the peak of the summed resident memory of the process tree (main
-process, forkserver, decode workers). Prints one line per size.
+own peak (VmHWM) and the peak of the summed memory of the process tree (main process,
+forkserver, decode workers). The sum is of proportional set sizes (Pss): the decoded-image
+slots are shared memory, written by a worker and read by the main process, and summing
+resident sizes would count them twice. Prints one line per size.
 """
 
 from __future__ import annotations
@@ -32,6 +34,17 @@ def _status(pid: int, field: str) -> int:
     return 0
 
 
+def _pss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as fh:
+            for line in fh:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])  # kB
+    except OSError:
+        pass
+    return _status(pid, "VmRSS")  # no smaps_rollup (kernel < 4.14)
+
+
 def _children(pid: int) -> list[int]:
     out = []
     try:
@@ -50,7 +63,7 @@ def measure(cmd: list[str], env: dict[str, str]) -> tuple[float, int, int]:
     hwm = tree = 0
     while proc.poll() is None:
         hwm = max(hwm, _status(proc.pid, "VmHWM"))
-        total = sum(_status(p, "VmRSS") for p in [proc.pid] + _children(proc.pid))
+        total = sum(_pss(p) for p in [proc.pid] + _children(proc.pid))
         tree = max(tree, total)
         time.sleep(0.1)
     err = proc.stderr.read().decode() if proc.stderr else ""

@@ -2,9 +2,15 @@
 
 :class:`DecodePool` runs :func:`decode_file` (or a given ``decode_fn``) in separate processes,
 each talking to the parent over its own pipe. A manager thread in the parent keeps every
-worker fed (up to two items each), watches pipes and process sentinels with
-``multiprocessing.connection.wait``, and hands results back **in input order**, with a bounded
-number of items in flight however long the input is.
+worker fed (a queue of up to :data:`PER_WORKER` items each), watches pipes and process
+sentinels with ``multiprocessing.connection.wait``, and hands results back **in input order**,
+with a bounded number of items in flight however long the input is.
+
+Pixels do not travel through the pipes: every item in flight owns a slot of a shared-memory
+buffer (:class:`_Slots`), the worker writes the decoded image into it, and only a short
+message goes over the pipe. So a worker never waits for the parent to read its pixels, and
+the parent needs its GIL for a few microseconds per image, not for a 0.3 MB read; while the
+main thread is busy (importing torch, say), the workers keep decoding into their slots.
 
 Failure handling, per item (each failure becomes a :class:`DecodeResult` with ``error`` set):
 
@@ -27,11 +33,11 @@ from __future__ import annotations
 import errno
 import importlib
 import logging
+import mmap
 import os
 import pickle
 import queue
 import signal
-import struct
 import sys
 import threading
 import time
@@ -66,8 +72,10 @@ log = logging.getLogger(__name__)
 
 DecodeFn = Callable[[str, PreprocessSpec, str, bool, "int | None"], "np.ndarray"]
 
-#: Items queued per worker: one being decoded, one waiting so the worker never idles.
-PER_WORKER = 2
+#: Items queued per worker: one being decoded, the rest waiting. A deep queue keeps a worker
+#: busy while the parent's threads cannot run (a long import holds the GIL for up to half a
+#: second); the items are answered in order, so the one a crash interrupts is still known.
+PER_WORKER = 32
 
 # Modules the forkserver imports once so that each new worker starts warm (~10 ms). With
 # "__main__" listed, the main script is imported once there (as __mp_main__) instead of once
@@ -263,15 +271,96 @@ def _keep_heap() -> None:
     mallopt(m_top_pad, 16 << 20)
 
 
-#: Marks a reply whose pixels follow as one raw frame (no pickling of the array).
+#: Marks a reply whose pixels are in the item's slot.
 PIXELS = "pixels"
 
 
+def _shared_fd(size: int) -> int:
+    """A file descriptor of ``size`` bytes of shared memory that vanishes with its last user
+    (no name to leak in /dev/shm if the run is killed)."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("clipfeat-pixels", os.MFD_CLOEXEC)
+    else:  # pragma: no cover - macOS and others: an unlinked temporary file
+        import tempfile
+
+        with tempfile.TemporaryFile() as f:
+            fd = os.dup(f.fileno())
+    try:
+        os.ftruncate(fd, size)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+class _Slots:
+    """Shared memory for decoded pixels: ``count`` slots of one uint8 ``shape`` image each.
+
+    The parent creates it; each worker maps the same memory (the descriptor travels with the
+    process arguments). Pages are only backed once written, so unused slots cost nothing.
+    """
+
+    def __init__(self, count: int, shape: tuple[int, int, int], fd: int | None = None) -> None:
+        import numpy as np
+
+        self.count = count
+        self.shape = shape
+        self.nbytes = shape[0] * shape[1] * shape[2]
+        size = count * self.nbytes
+        self.fd = _shared_fd(size) if fd is None else fd
+        try:
+            self._mm: mmap.mmap | None = mmap.mmap(self.fd, size)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self._all: Any = np.frombuffer(self._mm, dtype=np.uint8).reshape(count, *shape)
+        self._base = self._all.__array_interface__["data"][0]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        from multiprocessing import reduction
+
+        return (_attach_slots, (reduction.DupFd(self.fd), self.count, self.shape))
+
+    def view(self, slot: int) -> np.ndarray:
+        return self._all[slot]
+
+    def slot_of(self, array: Any) -> int:
+        """The slot ``array`` (a view from :meth:`view`) lives in; ValueError otherwise."""
+        try:
+            addr = array.__array_interface__["data"][0]
+        except (AttributeError, KeyError, TypeError):
+            raise ValueError("not an array from this pool") from None
+        slot, rest = divmod(addr - self._base, self.nbytes)
+        if rest or not 0 <= slot < self.count or array.shape != self.shape:
+            raise ValueError("not an array from this pool")
+        return slot
+
+    def close(self) -> None:
+        """Release the descriptor and, unless arrays still point into it, the mapping."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        mm, self._mm = self._mm, None
+        if mm is not None:
+            self._all = None
+            try:
+                mm.close()
+            except BufferError:  # views still held by the caller: freed with the last one
+                pass
+
+
+def _attach_slots(fd: Any, count: int, shape: tuple[int, int, int]) -> _Slots:
+    return _Slots(count, shape, fd=fd.detach())
+
+
 def _worker_main(conn: Any, main_pid: int, decode_fn: DecodeFn | str, spec: PreprocessSpec,
-                 aspect: str, exif_transpose: bool, max_pixels: int | None) -> None:
-    """Worker loop: receive (seq, path); send (seq, PIXELS, None, False) followed by one frame
-    of raw uint8 pixels, or (seq, None, error, retryable)."""
+                 aspect: str, exif_transpose: bool, max_pixels: int | None,
+                 slots: _Slots) -> None:
+    """Worker loop: receive (seq, path, slot); write the pixels into the slot and send
+    (seq, PIXELS, None, False), or send (seq, None, error, retryable)."""
     import warnings
+
+    import numpy as np
 
     _harden_worker(main_pid)
     warnings.simplefilter("ignore")  # Pillow's chatter; decompression bombs are handled
@@ -283,19 +372,17 @@ def _worker_main(conn: Any, main_pid: int, decode_fn: DecodeFn | str, spec: Prep
             msg = conn.recv()
             if msg is None:
                 break
-            seq, path = msg
+            seq, path, slot = msg
             try:
                 arr = fn(path, spec, aspect, exif_transpose, max_pixels)
                 if getattr(arr, "shape", None) != shape or str(arr.dtype) != "uint8":
                     raise TypeError(f"decoder returned {getattr(arr, 'shape', type(arr))}, "
                                     f"expected uint8 {shape}")
-                if not arr.flags.c_contiguous:
-                    arr = arr.copy()
             except Exception as exc:  # noqa: BLE001 - every failure becomes data
                 conn.send((seq, None, describe_error(exc), not _is_final(exc)))
                 continue
+            np.copyto(slots.view(slot), arr)  # all written before the reply says so
             conn.send((seq, PIXELS, None, False))
-            conn.send_bytes(memoryview(arr).cast("B"))  # the next frame: the raw pixels
     except (EOFError, OSError):
         pass  # parent gone
 
@@ -318,17 +405,6 @@ def _startup_hint() -> str:
                 "under `if __name__ == \"__main__\":` (workers re-import the main script); "
                 "otherwise run with --workers 0 to see the error")
     return "run with --workers 0 to see the error"
-
-
-def _read_exact(fd: int, n: int) -> bytes:
-    parts = []
-    while n > 0:
-        chunk = os.read(fd, n)
-        if not chunk:
-            raise EOFError("decode worker closed its pipe mid-frame")
-        parts.append(chunk)
-        n -= len(chunk)
-    return b"".join(parts)
 
 
 class _Worker:
@@ -356,7 +432,8 @@ class DecodePool:
 
     ``workers=0`` decodes in the calling thread (no timeout or crash isolation).
     ``max_pending`` bounds the items taken from the input but not yet handed out (default
-    ``max(32, 8 * workers)``; pass about twice the consumer's batch size). ``decode_fn`` is a
+    ``max(32, 8 * workers)``; pass about twice the consumer's batch size); it is also the
+    number of image slots of shared memory the workers decode into. ``decode_fn`` is a
     module-level function (or ``"module:function"``) with :func:`decode_file`'s signature.
     """
 
@@ -412,6 +489,7 @@ class DecodePool:
         self._start_method = start_method
         self._ctx: Any = None
         self._slots: list[_Worker] = []
+        self._pixels: _Slots | None = None  # shared memory the workers write pixels into
         self._running = False
         self._active: tuple[_Run, threading.Thread] | None = None
         self._closed = False
@@ -445,6 +523,9 @@ class DecodePool:
             self._ctx = mp.get_context(method)
             if method == "forkserver":
                 self._ctx.set_forkserver_preload(_PRELOAD)
+        if self._pixels is None:
+            self._pixels = _Slots(self.max_pending,
+                                  (3, self.spec.out_height, self.spec.out_width))
         while len(self._slots) < self.workers:
             self._slots.append(self._spawn())
 
@@ -469,6 +550,8 @@ class DecodePool:
             if w.alive and not w.queue:
                 w.proc.join(max(0.0, deadline - time.monotonic()))
             self._kill(w)
+        if self._pixels is not None:
+            self._pixels.close()
 
     def worker_pids(self) -> list[int]:
         """PIDs of the current worker processes (for diagnostics and tests)."""
@@ -481,7 +564,7 @@ class DecodePool:
         proc = self._ctx.Process(
             target=_worker_main,
             args=(child_conn, os.getpid(), self._decode_fn, self.spec, self.aspect,
-                  self.exif_transpose, self.max_pixels),
+                  self.exif_transpose, self.max_pixels, self._pixels),
             name="clipfeat-decode",
             daemon=True,
         )
@@ -505,8 +588,15 @@ class DecodePool:
 
     # -- decoding ----------------------------------------------------------------------------
 
-    def imap(self, items: Iterable[tuple[int, str, str]]) -> Iterator[DecodeResult]:
-        """Decode ``(index, key, path)`` items; yield one :class:`DecodeResult` each, in order."""
+    def imap(self, items: Iterable[tuple[int, str, str]], *,
+             borrow: bool = False) -> Iterator[DecodeResult]:
+        """Decode ``(index, key, path)`` items; yield one :class:`DecodeResult` each, in order.
+
+        Each array is the caller's own copy. With ``borrow=True`` it is a read-only view of
+        the pool's shared memory instead (no copy): pass it to :meth:`release` once done with
+        it. Until then its slot stays taken, and with all ``max_pending`` slots taken the
+        workers wait. Borrowed arrays stay valid until released or until the next ``imap``.
+        """
         if self.workers == 0:
             yield from self._imap_inline(items)
             return
@@ -529,8 +619,13 @@ class DecodePool:
                         raise RuntimeError("decode manager thread died") from None
                     continue
                 if kind == "result":
-                    run.took_one()
-                    yield payload
+                    res, slot = payload
+                    if res.array is None:
+                        run.release(slot)
+                    elif not borrow:
+                        res = res._replace(array=res.array.copy())
+                        run.release(slot)
+                    yield res
                 elif kind == "done":
                     break
                 else:
@@ -549,6 +644,21 @@ class DecodePool:
                     self._slots[i] = self._spawn()
                     self.stats.restarts += 1
             self._running = False
+
+    def release(self, array: Any) -> None:
+        """Give back the slot of an array borrowed from ``imap(..., borrow=True)``.
+
+        Releasing an array twice, or one whose run is over, does nothing; an array not from
+        this pool is a ValueError. Arrays of ``workers=0`` pools are ordinary: nothing to do.
+        """
+        if self.workers == 0:
+            return
+        if self._pixels is None:
+            raise ValueError("not an array from this pool")
+        slot = self._pixels.slot_of(array)
+        active = self._active
+        if active is not None:
+            active[0].release(slot, array)
 
     def _imap_inline(self, items: Iterable[tuple[int, str, str]]) -> Iterator[DecodeResult]:
         fn = _resolve(self._decode_fn)
@@ -571,8 +681,12 @@ class _Run:
         self.items = items
         self.out: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._lock = threading.Lock()
-        self._taken = 0  # results the consumer has taken
-        self._throttled = False  # the manager waits for the consumer to take results
+        # Every item from the input holds a slot of shared memory until the consumer is done
+        # with its result; so the free slots bound the items in flight.
+        self._free = list(range(pool.max_pending - 1, -1, -1))
+        self._lent: dict[int, int] = {}  # slot -> id of the array handed out from it
+        self.slot_of: dict[int, int] = {}
+        self._throttled = False  # the manager waits for the consumer to free a slot
         self._stop = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -588,11 +702,15 @@ class _Run:
 
     # -- called from the consumer thread ----------------------------------------------------
 
-    def took_one(self) -> None:
+    def release(self, slot: int, array: Any = None) -> None:
+        """Free ``slot``; with ``array``, only if that very array is what the slot lent."""
         # Wake the manager only when it stopped pulling items for want of room: a wake-up
         # per result would cost a round of its loop (and a GIL hand-off) per image.
         with self._lock:
-            self._taken += 1
+            if array is not None and self._lent.get(slot) != id(array):
+                return  # released twice: the slot may already hold another image
+            self._lent.pop(slot, None)
+            self._free.append(slot)
             wake, self._throttled = self._throttled, False
         if wake:
             self._wake()
@@ -683,41 +801,53 @@ class _Run:
 
     def _pull(self) -> None:
         while True:
-            with self._lock:  # decided under the lock that took_one() holds: no lost wake-up
-                room = self.pool.max_pending - (self.next_seq - self._taken)
-                if self.exhausted or room <= 0:
+            with self._lock:  # decided under the lock that release() holds: no lost wake-up
+                if self.exhausted or not self._free:
                     self._throttled = not self.exhausted
                     return
                 self._throttled = False
-            for _ in range(room):
-                try:
-                    item = next(self.items)
-                except StopIteration:
-                    self.exhausted = True
-                    break
-                index, key, path = item
-                seq = self.next_seq
-                self.next_seq += 1
-                self.meta[seq] = (index, key, os.fspath(path))
-                self.attempts[seq] = 1
-                self.pending.append(seq)
+                slots, self._free = self._free, []
+            try:
+                while slots:
+                    try:
+                        item = next(self.items)
+                    except StopIteration:
+                        self.exhausted = True
+                        break
+                    index, key, path = item
+                    seq = self.next_seq
+                    self.next_seq += 1
+                    self.meta[seq] = (index, key, os.fspath(path))
+                    self.attempts[seq] = 1
+                    self.slot_of[seq] = slots.pop()
+                    self.pending.append(seq)
+            finally:
+                with self._lock:
+                    self._free.extend(slots)
 
     def _emit(self) -> None:
         while self.next_out in self.results:
-            self.out.put(("result", self.results.pop(self.next_out)))
+            res, slot = self.results.pop(self.next_out)
+            if res.array is not None:
+                with self._lock:
+                    self._lent[slot] = id(res.array)
+            self.out.put(("result", (res, slot)))
             self.next_out += 1
 
     def _dispatch(self) -> None:
-        for w in sorted(self.pool._slots, key=lambda s: len(s.queue)):
-            while self.pending and w.alive and len(w.queue) < PER_WORKER:
-                self._send(w, self.pending.popleft())
+        # One item at a time to the least loaded worker: results come back nearly in order.
+        while self.pending:
+            open_ = [w for w in self.pool._slots if w.alive and len(w.queue) < PER_WORKER]
+            if not open_:
+                return
+            self._send(min(open_, key=lambda w: len(w.queue)), self.pending.popleft())
 
     def _send(self, w: _Worker, seq: int) -> None:
         w.queue.append(seq)
         if len(w.queue) == 1 and w.ready:
             w.since = time.monotonic()
         try:
-            w.conn.send((seq, self.meta[seq][2]))
+            w.conn.send((seq, self.meta[seq][2], self.slot_of[seq]))
         except OSError:  # the worker is gone: this item never started
             w.queue.pop()
             self.pending.appendleft(seq)
@@ -734,7 +864,8 @@ class _Run:
             stats.failed += 1
             log.debug("decode failed: %s: %s", path, error)
         del self.attempts[seq]
-        self.results[seq] = DecodeResult(index, key, path, array, error)
+        self.results[seq] = (DecodeResult(index, key, path, array, error),
+                             self.slot_of.pop(seq))
 
     def _on_message(self, w: _Worker, msg: Any) -> None:
         now = time.monotonic()
@@ -747,9 +878,8 @@ class _Run:
         if not w.queue or w.queue[0] != seq:
             raise RuntimeError(f"decode worker answered item {seq}, expected {list(w.queue)[:1]}")
         if isinstance(array, str) and array == PIXELS:
-            # EOFError/OSError here (the worker died mid-frame) leaves the item queued: the
-            # caller handles it as a crash.
-            array = self._receive_pixels(w)
+            array = self.pool._pixels.view(self.slot_of[seq])
+            array.flags.writeable = False  # a view of the slot, for reading
         w.queue.popleft()
         was_fresh = w.done == 0
         w.done += 1
@@ -766,28 +896,6 @@ class _Run:
             self.attempts[seq] += 1
             self.pool.stats.retries += 1
             self._replace(w, first=seq)
-
-    def _receive_pixels(self, w: _Worker) -> Any:
-        """Read the raw frame of pixels that follows a PIXELS reply straight into a new array
-        (multiprocessing's own recv would copy it through a BytesIO and unpickle it)."""
-        import numpy as np
-
-        spec = self.pool.spec
-        arr = np.empty((3, spec.out_height, spec.out_width), dtype=np.uint8)
-        view = memoryview(arr).cast("B")
-        fd = w.conn.fileno()
-        (size,) = struct.unpack("!i", _read_exact(fd, 4))
-        if size == -1:  # multiprocessing's header for frames over 2 GiB
-            (size,) = struct.unpack("!Q", _read_exact(fd, 8))
-        if size != len(view):
-            raise RuntimeError(f"decode worker sent {size} bytes of pixels, expected {len(view)}")
-        done = 0
-        while done < size:
-            n = os.readv(fd, [view[done:]])
-            if n == 0:
-                raise EOFError("decode worker closed its pipe mid-frame")
-            done += n
-        return arr
 
     def _drain_then_exit(self, w: _Worker) -> None:
         """The process ended: read what it managed to send, then account for the rest."""

@@ -452,7 +452,9 @@ class _Feeder(threading.Thread):
 
     def run(self) -> None:
         try:
-            for res in self.pool.imap(self.tasks):
+            # Borrowed: the arrays stay in the pool's shared memory until the batch they go
+            # into is stacked (see _run_chunks), which releases them.
+            for res in self.pool.imap(self.tasks, borrow=True):
                 self._put(res)
                 if self.stop.is_set():
                     return
@@ -468,6 +470,10 @@ class _Feeder(threading.Thread):
                 return
             except queue.Full:
                 continue
+
+    def backlog(self) -> float:
+        """How full the queue of decoded images is (0 to 1)."""
+        return self.q.qsize() / self.q.maxsize
 
     def get(self) -> Any:
         t = time.perf_counter()
@@ -730,6 +736,10 @@ def _write_plan(out: Path, plan: Any, *, overwrite: bool, save: Callable[..., No
         raise ExtractionError(f"cannot write the plan into {out}: {err}") from None
 
 
+#: Memory for decoded images waiting for the device (shared memory the workers write into).
+QUEUE_BYTES = 384 << 20
+
+
 class _Decode:
     """The decode worker pool and its feeder thread over the items of some chunks."""
 
@@ -738,6 +748,11 @@ class _Decode:
 
         cfg = run.cfg
         self.chunk_ids = [c.id for c in chunks]
+        # Room for a few batches, more while the model loads: at most ~384 MiB of pixels
+        # (1188 images at 336 px; a 2-core CPU run decodes ~1100 while torch loads).
+        image_bytes = 3 * run.spec.out_height * run.spec.out_width
+        depth = max(2 * cfg.batch_size, 4 * max(1, cfg.num_workers),
+                    min(2048, QUEUE_BYTES // image_bytes))
         self.pool = DecodePool(
             run.spec,
             aspect=cfg.aspect,
@@ -747,6 +762,9 @@ class _Decode:
             timeout=cfg.decode_timeout,
             # Tests inject a misbehaving decoder here ("module:function", see DecodePool).
             decode_fn=cfg.extra.get("decode_fn"),
+            # Every decoded image waits in one of these slots until its batch is stacked:
+            # the feeder's queue, the batch being gathered, and the items in the workers.
+            max_pending=depth + cfg.batch_size + 2 * max(1, cfg.num_workers),
         )
 
         def tasks() -> Iterator[tuple[int, str, str]]:
@@ -755,10 +773,6 @@ class _Decode:
                     if not it.error:
                         yield (it.index, it.key, it.path)
 
-        # Room for a few batches, more while the model loads, at most ~256 MiB of pixels.
-        image_bytes = 3 * run.spec.out_height * run.spec.out_width
-        depth = max(2 * cfg.batch_size, 4 * max(1, cfg.num_workers),
-                    min(1024, (256 << 20) // image_bytes))
         self.feeder = _Feeder(self.pool, tasks(), depth=depth)
         self.feeder.start()
 
@@ -808,12 +822,14 @@ def _run_chunks(
         threads = cfg.torch_threads or torch.get_num_threads()
         torch.set_num_threads(max(1, threads))
         if cfg.torch_threads is None and threads > 1 and cfg.num_workers > 0:
-            tuner = _ThreadTuner(threads)
+            tuner = _ThreadTuner(threads, cfg.num_workers)
     if decode is None or decode.chunk_ids != [c.id for c in mine]:
         if decode is not None:
             decode.close()
         decode = _Decode(run, plan, mine)
     pool, feeder = decode.pool, decode.feeder
+    if tuner is not None:
+        tuner.step(feeder.backlog(), decoding=not feeder.drained)
     dev = _Device(run.tower, run.spec, run.device, run.compute_dtype, cfg.store_dtype)
     writer = _Writer(run.out, run.meta, on_commit)
     writer.start()
@@ -879,6 +895,8 @@ def _run_chunks(
             t = time.perf_counter()
             handle = dev.launch([b[2] for b in batch], cfg.batch_size)
             device_s[0] += time.perf_counter() - t
+            for b in batch:  # stacked into the device's buffer: their slots can be reused
+                pool.release(b[2])
             in_flight.append((handle, [(b[0], b[1]) for b in batch], ended))
         elif ended:
             in_flight.append(((None, False, None, None), [], ended))
@@ -886,7 +904,7 @@ def _run_chunks(
         while len(in_flight) > (1 if dev.cuda else 0):
             drain_one()
         if tuner is not None:
-            tuner.step(feeder.waited, device_s[0], decoding=not feeder.drained)
+            tuner.step(feeder.backlog(), decoding=not feeder.drained)
 
     try:
         for c in mine:
@@ -939,50 +957,39 @@ def _run_chunks(
 
 
 class _ThreadTuner:
-    """On a CPU run, give torch's intra-op threads back to the decode workers when the loop
-    waits for pixels, and take them again when it does not.
+    """On a CPU run, share the cores between torch's intra-op threads and the decode workers.
 
-    torch's threads stall as a group when one is preempted by a decode worker, so a
-    decode-bound run goes faster with fewer of them, and a compute-bound run needs them all.
-    Once every image is decoded, what is left is the forward alone: all threads go back.
-    (A shrinking backlog of decoded images is not a reason to give one back: a compute-bound
-    run lives on that backlog, and halving its threads early cost vitb32 a tenth of its
-    speed.)
+    While the workers have images to decode, torch gets the cores they leave
+    (``threads - workers``, at least one): torch's threads stall as a group when a worker
+    preempts one, the niced workers get little of a core that torch wants, and one thread
+    does more per CPU-second than two anyway (the tiny 336-px tower's forward: 3.6 vs 4.2
+    CPU-ms per image, ``benchmarks/bench_cpu_budget.py``). All threads go to torch when the
+    workers have nothing to do: the queue of decoded images is (nearly) full, which is where
+    a compute-bound run lives, or every image is decoded. Back to the smaller number when
+    the queue falls under half full, so that decoding catches up.
     """
 
-    EVERY = 8  # batches between decisions
+    HIGH, LOW = 0.9, 0.5  # queue fill at which torch takes all threads / gives some back
 
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, workers: int) -> None:
         self.max = self.threads = threads
-        self.batches = 0
-        self.last = (0.0, 0.0)
+        self.min = max(1, threads - workers)
 
-    def step(self, waited: float, device: float, decoding: bool = True) -> None:
+    def step(self, backlog: float, decoding: bool = True) -> None:
+        """``backlog``: how full the decoded-image queue is (0-1); called before each batch."""
         import torch
 
-        self.batches += 1
-        if not decoding:  # the workers are done: the rest of the run is the forward alone
-            if self.threads < self.max:
-                self.threads = self.max
-                torch.set_num_threads(self.threads)
-                logger.debug("torch intra-op threads -> %d (decoding is done)", self.threads)
-            return
-        if self.batches % self.EVERY:
-            return
-        dw, dd = waited - self.last[0], device - self.last[1]
-        self.last = (waited, device)
-        total = dw + dd
-        if total <= 0:
-            return
-        if dw > 0.25 * total and self.threads > 1:
-            self.threads -= 1
-        elif dw < 0.05 * total and self.threads < self.max:
-            self.threads += 1
+        if not decoding or backlog >= self.HIGH:
+            want = self.max
+        elif backlog < self.LOW:
+            want = self.min
         else:
             return
-        torch.set_num_threads(self.threads)
-        logger.debug("torch intra-op threads -> %d (waited %.2fs for decode, %.2fs on device)",
-                     self.threads, dw, dd)
+        if want != self.threads:
+            self.threads = want
+            torch.set_num_threads(want)
+            logger.debug("torch intra-op threads -> %d (decoded-image queue %.0f%% full%s)",
+                         want, 100 * backlog, "" if decoding else ", decoding done")
 
 
 def _stop_writer(writer: _Writer) -> None:

@@ -289,7 +289,8 @@ def misbehaving_decode(path: str, spec: Any, aspect: str, exif_transpose: bool,
     Name contains ``__segv__``: the process kills itself with SIGSEGV; ``__exit__``:
     ``os._exit(3)``; ``__hang__``: sleeps 30 s first; ``__raise__``: always raises;
     ``__stateful__``: raises unless it is the first file this process decodes (like Pillow
-    state left behind by a broken file: it must succeed when retried in a fresh process).
+    state left behind by a broken file: it must succeed when retried in a fresh process);
+    ``__mark__``: leaves an empty file ``<path>.<pid>.<n>`` behind for each decode.
     """
     import signal
     import time
@@ -312,4 +313,6 @@ def misbehaving_decode(path: str, spec: Any, aspect: str, exif_transpose: bool,
         raise OSError("simulated broken file")
     if "__stateful__" in name and not first:
         raise OSError("simulated state left by an earlier file")
+    if "__mark__" in name:
+        open(f"{path}.{os.getpid()}.{_decoded_here}", "w").close()
     return decode_file(path, spec, aspect, exif_transpose, max_pixels)

@@ -314,43 +314,82 @@ def test_bad_arguments_are_config_errors(spec, kwargs, match):
         pass
 
 
-def test_pixels_frame_is_read_whole_or_reported_as_a_dead_worker(spec):
-    """Pixels come back as one raw frame after a small header; a worker dying mid-frame
-    must surface as EOF (handled as a crash), never as an image with missing bytes."""
-    import socket
-    import struct
+def test_borrowed_arrays_hold_their_slots_until_released(tmp_path, spec):
+    """borrow=True hands out read-only views of the shared memory the workers wrote; each
+    holds one of the max_pending slots, so the pool pulls no further input until released."""
+    paths = [imagegen.make_image(tmp_path / f"{i}.png", "RGB", (20 + i, 24), seed=i)
+             for i in range(5)]
+    pulled = 0
 
-    from clipfeat.decode import _Run, _Worker
-    from multiprocessing.connection import Connection
+    def items():
+        nonlocal pulled
+        for i in range(12):
+            pulled += 1
+            yield (i, f"k{i}", str(paths[i % len(paths)]))
 
-    pool = DecodePool(spec, workers=1)
-    run = _Run(pool, iter([]))
-    try:
-        n = 3 * SIZE * SIZE
-        pixels = np.arange(n, dtype=np.uint8).reshape(3, SIZE, SIZE)
+    with DecodePool(spec, workers=2, max_pending=3) as pool:
+        gen = pool.imap(items(), borrow=True)
+        held = [next(gen) for _ in range(3)]
+        time.sleep(0.5)  # room for the manager to pull more, if it wrongly could
+        assert pulled == 3
+        for r in held:
+            assert r.error is None and not r.array.flags.writeable
+            np.testing.assert_array_equal(r.array, decode_file(str(paths[r.index % 5]), spec))
+        with pytest.raises(ValueError, match="not an array from this pool"):
+            pool.release(held[0].array.copy())
+        pool.release(held[0].array)
+        pool.release(held[0].array)  # twice: ignored, the slot is not freed again
+        nxt = next(gen)
+        assert nxt.index == 3
+        pool.release(held[0].array)  # its slot now holds item 3: this must not free it
+        time.sleep(0.5)
+        assert pulled == 4
+        np.testing.assert_array_equal(nxt.array, decode_file(str(paths[3]), spec))
+        rest = [nxt, *held[1:]]
+        for r in rest:
+            pool.release(r.array)
+        for r in gen:  # the others, released as they come
+            np.testing.assert_array_equal(r.array, decode_file(str(paths[r.index % 5]), spec))
+            rest.append(r)
+            pool.release(r.array)
+        assert sorted(r.index for r in rest) == list(range(1, 12))
+    assert pulled == 12
 
-        a, b = socket.socketpair()
-        sender, receiver = Connection(a.detach()), Connection(b.detach())
-        sender.send_bytes(memoryview(pixels).cast("B"))  # what a worker sends
-        got = run._receive_pixels(_Worker(None, receiver))
-        np.testing.assert_array_equal(got, pixels)
 
-        sender._send(struct.pack("!i", n) + bytes(100))  # header, then the worker dies
-        sender.close()
-        with pytest.raises(EOFError):
-            run._receive_pixels(_Worker(None, receiver))
-        receiver.close()
+def test_copied_arrays_are_the_callers_own(tmp_path, spec):
+    paths = [imagegen.make_image(tmp_path / f"{i}.png", "RGB", (21, 20 + i), seed=i)
+             for i in range(6)]
+    with DecodePool(spec, workers=2, max_pending=2) as pool:
+        results = list(pool.imap((i, p.name, str(p)) for i, p in enumerate(paths)))
+    # the two slots were reused three times each: every array must still be its own image
+    for r, p in zip(results, paths, strict=True):
+        assert r.array.flags.writeable and r.array.flags.owndata
+        np.testing.assert_array_equal(r.array, decode_file(str(p), spec))
 
-        a, b = socket.socketpair()
-        sender, receiver = Connection(a.detach()), Connection(b.detach())
-        sender.send_bytes(b"x" * (n - 1))
-        with pytest.raises(RuntimeError, match="bytes of pixels"):
-            run._receive_pixels(_Worker(None, receiver))
-        sender.close()
-        receiver.close()
-    finally:
-        run.close()
-        pool.close()
+
+def test_workers_keep_decoding_while_the_parent_holds_the_gil(tmp_path, spec):
+    """Pixels go into shared memory and each worker holds a queue of items, so decoding does
+    not wait for the parent's manager thread (starved while, e.g., torch imports)."""
+    img = imagegen.make_image(tmp_path / "a__mark__.png", "RGB", (24, 20))
+    items = [(i, str(i), str(img)) for i in range(64)]
+    with DecodePool(spec, workers=2, max_pending=64,
+                    decode_fn=imagegen.misbehaving_decode) as pool:
+        list(pool.imap(items[:2]))  # both workers started and warm
+        for f in tmp_path.glob("a__mark__.png.*"):
+            f.unlink()
+        gen = pool.imap(items)
+        assert next(gen).index == 0
+        before = sys.getswitchinterval()
+        sys.setswitchinterval(30.0)
+        try:
+            deadline = time.perf_counter() + 2.0
+            while time.perf_counter() < deadline:  # pure Python: the GIL is never released
+                pass
+            decoded = len(list(tmp_path.glob("a__mark__.png.*")))
+        finally:
+            sys.setswitchinterval(before)
+        assert decoded >= 16, f"only {decoded} images decoded while the parent was busy"
+        assert [r.index for r in gen] == list(range(1, 64))
 
 
 def test_unguarded_script_gets_a_clear_error(tmp_path):

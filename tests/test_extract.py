@@ -286,32 +286,30 @@ def test_summary_json_and_exit_code(tmp_path, images, clip_full_dir):
     assert os.path.exists(tmp_path / "o" / "manifest.json")
 
 
-def test_thread_tuner_follows_the_bottleneck():
-    """CPU runs: torch keeps its threads while decoding keeps up, gives one back when the loop
-    waits for pixels, and takes it again once decoding keeps up."""
+def test_thread_tuner_shares_the_cores_with_the_decode_workers():
+    """CPU runs: torch gets the cores the workers leave while they decode, every core when
+    the decoded-image queue is (nearly) full or decoding is over, and gives them back when
+    the queue falls under half full."""
     from clipfeat.pipeline import _ThreadTuner
 
     before = torch.get_num_threads()
     try:
-        tuner = _ThreadTuner(2)
-        waited = device = 0.0
+        tuner = _ThreadTuner(4, workers=3)
+        tuner.step(0.3)  # decoding, queue short: the one core the workers leave
+        assert tuner.threads == torch.get_num_threads() == 1
+        tuner.step(0.7)  # between the marks: no change
+        assert tuner.threads == 1
+        tuner.step(0.95)  # the workers wait for room: every core to torch
+        assert tuner.threads == torch.get_num_threads() == 4
+        tuner.step(0.6)
+        assert tuner.threads == 4
+        tuner.step(0.4)  # decoding falls behind: cores back to the workers
+        assert tuner.threads == torch.get_num_threads() == 1
+        tuner.step(0.0, decoding=False)  # every image is decoded: all threads, now
+        assert tuner.threads == torch.get_num_threads() == 4
 
-        def window(wait: float, dev: float) -> int:
-            nonlocal waited, device
-            for _ in range(tuner.EVERY):
-                waited += wait / tuner.EVERY
-                device += dev / tuner.EVERY
-                tuner.step(waited, device)
-            return tuner.threads
-
-        assert window(0.0, 10.0) == 2  # compute-bound: keep both
-        assert window(5.0, 5.0) == 1  # the loop waits half its time for pixels
-        assert torch.get_num_threads() == 1
-        assert window(1.0, 9.0) == 1  # 10% waiting: leave it
-        assert window(0.1, 9.9) == 2  # decoding keeps up again: take it back
-        assert torch.get_num_threads() == 2
-        assert window(5.0, 5.0) == 1
-        tuner.step(waited, device, decoding=False)  # every image is decoded: all threads, now
-        assert tuner.threads == torch.get_num_threads() == 2
+        few = _ThreadTuner(8, workers=2)  # more cores than workers: torch keeps the rest
+        few.step(0.0)
+        assert few.threads == torch.get_num_threads() == 6
     finally:
         torch.set_num_threads(before)
