@@ -737,7 +737,8 @@ def _write_plan(out: Path, plan: Any, *, overwrite: bool, save: Callable[..., No
 
 
 #: Memory for decoded images waiting for the device (shared memory the workers write into).
-QUEUE_BYTES = 384 << 20
+#: 384 MiB was no faster on the 2-core benchmark (four interleaved pairs of runs).
+QUEUE_BYTES = 256 << 20
 
 
 class _Decode:
@@ -748,11 +749,11 @@ class _Decode:
 
         cfg = run.cfg
         self.chunk_ids = [c.id for c in chunks]
-        # Room for a few batches, more while the model loads: at most ~384 MiB of pixels
-        # (1188 images at 336 px; a 2-core CPU run decodes ~1100 while torch loads).
+        # Room for a few batches, more while the model loads, at most QUEUE_BYTES of pixels
+        # (792 images at 336 px, which a 2-core CPU run decodes before torch has loaded).
         image_bytes = 3 * run.spec.out_height * run.spec.out_width
         depth = max(2 * cfg.batch_size, 4 * max(1, cfg.num_workers),
-                    min(2048, QUEUE_BYTES // image_bytes))
+                    min(1024, QUEUE_BYTES // image_bytes))
         self.pool = DecodePool(
             run.spec,
             aspect=cfg.aspect,
