@@ -189,24 +189,30 @@ def test_items_queued_behind_a_crash_are_redispatched_not_failed(tmp_path, spec)
         np.testing.assert_array_equal(r.array, decode_file(str(p), spec))
 
 
+class _Items:
+    """``n`` items ``(i, "k<i>", path)`` cycling over ``paths``; ``pulled`` counts those the
+    pool has taken."""
+
+    def __init__(self, paths: list[Path], n: int) -> None:
+        self.paths, self.n, self.pulled = paths, n, 0
+
+    def __iter__(self):
+        for i in range(self.n):
+            self.pulled += 1
+            yield (i, f"k{i}", str(self.paths[i % len(self.paths)]))
+
+
 def test_in_flight_items_are_bounded_and_order_kept(tmp_path, spec):
     paths = [imagegen.make_image(tmp_path / f"{i}.png", "RGB", (20 + i % 5, 20), seed=i)
              for i in range(6)]
-    pulled = 0
-
-    def items():
-        nonlocal pulled
-        for i in range(40):
-            pulled += 1
-            yield (i, f"k{i}", str(paths[i % len(paths)]))
-
+    items = _Items(paths, 40)
     with DecodePool(spec, workers=2, max_pending=4) as pool:
-        for taken, r in enumerate(pool.imap(items()), start=1):
+        for taken, r in enumerate(pool.imap(items), start=1):
             assert r.index == taken - 1 and r.error is None
             # the manager may pull ahead while we work, but never by more than max_pending
-            assert pulled <= taken + 4
+            assert items.pulled <= taken + 4
             time.sleep(0.005)
-    assert pulled == 40
+    assert items.pulled == 40
 
 
 def test_abandoned_run_leaves_the_pool_usable(tmp_path, spec):
@@ -319,19 +325,12 @@ def test_borrowed_arrays_hold_their_slots_until_released(tmp_path, spec):
     holds one of the max_pending slots, so the pool pulls no further input until released."""
     paths = [imagegen.make_image(tmp_path / f"{i}.png", "RGB", (20 + i, 24), seed=i)
              for i in range(5)]
-    pulled = 0
-
-    def items():
-        nonlocal pulled
-        for i in range(12):
-            pulled += 1
-            yield (i, f"k{i}", str(paths[i % len(paths)]))
-
+    items = _Items(paths, 12)
     with DecodePool(spec, workers=2, max_pending=3) as pool:
-        gen = pool.imap(items(), borrow=True)
+        gen = pool.imap(items, borrow=True)
         held = [next(gen) for _ in range(3)]
         time.sleep(0.5)  # room for the manager to pull more, if it wrongly could
-        assert pulled == 3
+        assert items.pulled == 3
         for r in held:
             assert r.error is None and not r.array.flags.writeable
             np.testing.assert_array_equal(r.array, decode_file(str(paths[r.index % 5]), spec))
@@ -343,7 +342,7 @@ def test_borrowed_arrays_hold_their_slots_until_released(tmp_path, spec):
         assert nxt.index == 3
         pool.release(held[0].array)  # its slot now holds item 3: this must not free it
         time.sleep(0.5)
-        assert pulled == 4
+        assert items.pulled == 4
         np.testing.assert_array_equal(nxt.array, decode_file(str(paths[3]), spec))
         rest = [nxt, *held[1:]]
         for r in rest:
@@ -353,7 +352,7 @@ def test_borrowed_arrays_hold_their_slots_until_released(tmp_path, spec):
             rest.append(r)
             pool.release(r.array)
         assert sorted(r.index for r in rest) == list(range(1, 12))
-    assert pulled == 12
+    assert items.pulled == 12
 
 
 def test_copied_arrays_are_the_callers_own(tmp_path, spec):
