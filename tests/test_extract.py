@@ -313,3 +313,38 @@ def test_thread_tuner_shares_the_cores_with_the_decode_workers():
         assert few.threads == torch.get_num_threads() == 6
     finally:
         torch.set_num_threads(before)
+
+
+def _rows(out: Path) -> dict[str, np.ndarray]:
+    rows = {}
+    for shard in sorted(out.glob("*.h5")):
+        with h5py.File(shard, "r") as f:
+            for key, feats in zip(f["keys"].asstr()[()], f["features"][()], strict=True):
+                rows[key] = feats
+    return rows
+
+
+def test_reused_pixel_slots_give_the_rows_of_in_process_decoding(tmp_path, clip_full_dir,
+                                                                  monkeypatch):
+    """Decoded images wait in shared-memory slots that are reused once their batch is
+    stacked. With the queue squeezed to a few slots (each reused many times), every row must
+    still be the one decoding in-process gives: a slot freed too early would show here."""
+    import clipfeat.pipeline
+
+    rng = np.random.default_rng(7)
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(40):
+        w, h = (int(x) for x in rng.integers(20, 90, size=2))
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / f"{i:02d}.png")
+    monkeypatch.setattr(clipfeat.pipeline, "QUEUE_BYTES", 1)  # depth 8: 16 slots in all
+    common = dict(roots=[str(root)], model=str(clip_full_dir), device="cpu", batch_size=4,
+                  torch_threads=1, shard_size=16)
+    a = clipfeat.extract(out=str(tmp_path / "a"), workers=2, **common)
+    b = clipfeat.extract(out=str(tmp_path / "b"), workers=0, **common)
+    assert a.extracted == b.extracted == 40
+    rows_a, rows_b = _rows(tmp_path / "a"), _rows(tmp_path / "b")
+    assert sorted(rows_a) == sorted(rows_b) == [f"{i:02d}.png" for i in range(40)]
+    for key, row in rows_b.items():
+        np.testing.assert_array_equal(rows_a[key], row, err_msg=key)
+    assert len({row.tobytes() for row in rows_a.values()}) == 40  # 40 different images
