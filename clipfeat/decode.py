@@ -493,6 +493,10 @@ class DecodePool:
         self._running = False
         self._active: tuple[_Run, threading.Thread] | None = None
         self._closed = False
+        # Held to start or replace workers and to close: close() may come from another
+        # thread (the pipeline's, while its feeder thread is still starting the pool), and
+        # no worker may be started after it, nor with the shared memory already released.
+        self._life = threading.RLock()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -505,6 +509,10 @@ class DecodePool:
 
     def start(self) -> None:
         """Start the worker processes (done by ``with`` and on first use)."""
+        with self._life:
+            self._start()
+
+    def _start(self) -> None:
         if self._closed:
             raise RuntimeError("DecodePool is closed")
         if self.workers == 0:
@@ -530,15 +538,18 @@ class DecodePool:
             self._slots.append(self._spawn())
 
     def close(self) -> None:
-        """Stop every worker (politely, then by force). Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._active is not None:  # a run abandoned without closing its iterator
-            run, thread = self._active
+        """Stop every worker (politely, then by force). Idempotent; callable from any thread."""
+        with self._life:
+            if self._closed:
+                return
+            self._closed = True
+            active = self._active
+        if active is not None:  # a run abandoned without closing its iterator
+            run, thread = active
             run.stop()
             thread.join(10.0)
-        slots, self._slots = self._slots, []
+        with self._life:  # a worker being started right now is in the list once this returns
+            slots, self._slots = self._slots, []
         for w in slots:
             if w.alive and not w.queue:
                 try:
@@ -550,8 +561,9 @@ class DecodePool:
             if w.alive and not w.queue:
                 w.proc.join(max(0.0, deadline - time.monotonic()))
             self._kill(w)
-        if self._pixels is not None:
-            self._pixels.close()
+        with self._life:
+            if self._pixels is not None:
+                self._pixels.close()
 
     def worker_pids(self) -> list[int]:
         """PIDs of the current worker processes (for diagnostics and tests)."""
@@ -602,12 +614,14 @@ class DecodePool:
             return
         if self._running:
             raise RuntimeError("DecodePool.imap is already running; finish the other one first")
-        self.start()
-        self._running = True
-        run = _Run(self, iter(items))
-        thread = threading.Thread(target=run.main, name="clipfeat-decode-manager", daemon=True)
-        self._active = (run, thread)
-        thread.start()
+        with self._life:  # close() sees no run, or a started one
+            self._start()
+            self._running = True
+            run = _Run(self, iter(items))
+            thread = threading.Thread(target=run.main, name="clipfeat-decode-manager",
+                                      daemon=True)
+            self._active = (run, thread)
+            thread.start()
         try:
             while True:
                 try:
@@ -637,12 +651,13 @@ class DecodePool:
             run.close()
             # Workers still holding items of an abandoned run are replaced, so that the next
             # run starts clean.
-            for i, w in enumerate(self._slots):
-                if w.alive and w.queue:
-                    self._kill(w)
-                if not w.alive and not self._closed:
-                    self._slots[i] = self._spawn()
-                    self.stats.restarts += 1
+            with self._life:
+                for i, w in enumerate(self._slots):
+                    if w.alive and w.queue:
+                        self._kill(w)
+                    if not w.alive and not self._closed:
+                        self._slots[i] = self._spawn()
+                        self.stats.restarts += 1
             self._running = False
 
     def release(self, array: Any) -> None:
@@ -968,12 +983,13 @@ class _Run:
         w.queue.clear()
         pool._kill(w)
         self.pending.extendleft(reversed(rest))
-        if pool._closed or w not in pool._slots:
-            self._stop = True  # the pool was closed under us: nothing left to run
-            return
-        new = pool._spawn()
-        pool.stats.restarts += 1
-        idx = next(i for i, s in enumerate(pool._slots) if s is w)
-        pool._slots[idx] = new
+        with pool._life:
+            if pool._closed or w not in pool._slots:
+                self._stop = True  # the pool was closed under us: nothing left to run
+                return
+            new = pool._spawn()
+            pool.stats.restarts += 1
+            idx = next(i for i, s in enumerate(pool._slots) if s is w)
+            pool._slots[idx] = new
         if first is not None:
             self._send(new, first)

@@ -423,3 +423,36 @@ def test_unguarded_script_gets_a_clear_error(tmp_path):
                        text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "decoded True"
+
+
+def test_close_from_another_thread_while_the_pool_starts(tmp_path, spec):
+    """The pipeline closes the pool from its main thread while the feeder thread may still
+    be starting it (a run refused early). No worker may start after close() has released
+    the shared memory (the worker would map whatever the descriptor number now is, or kill
+    the forkserver by sending a closed one), and a later pool must still work."""
+    img = imagegen.make_image(tmp_path / "a.png", "RGB", (24, 20))
+    items = [(i, str(i), str(img)) for i in range(50)]
+    errors: list[BaseException] = []
+
+    def consume(pool: DecodePool) -> None:
+        try:
+            for _ in pool.imap(items):
+                pass
+        except RuntimeError as err:
+            if "closed" not in str(err):
+                errors.append(err)
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    for delay in [0.0, 0.001, 0.003, 0.01, 0.02, 0.04] * 2:
+        pool = DecodePool(spec, workers=3)
+        t = threading.Thread(target=consume, args=(pool,), daemon=True)
+        t.start()
+        time.sleep(delay)
+        pool.close()
+        t.join(15)
+        assert not t.is_alive()
+        assert pool.worker_pids() == []
+    assert errors == []
+    with DecodePool(spec, workers=2) as pool:
+        assert all(r.ok for r in pool.imap(items[:4]))
