@@ -86,6 +86,23 @@ def _image(mode: str, size: tuple[int, int], seed: int) -> Any:
     return rgb.convert(mode)  # L, CMYK, YCbCr, ...
 
 
+def pillow_reads(path: str | os.PathLike[str]) -> bool:
+    """Whether the installed Pillow opens and converts ``path`` (LLaVA's own first step).
+
+    Not every Pillow reads every file it writes: 12.x writes an uncompressed YCbCr TIFF that
+    it then reads as RGBX and calls truncated (13.0 reads it). Where LLaVA's path fails,
+    clipfeat must record a failure, not produce pixels.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.convert("RGB")
+    except Exception:  # noqa: BLE001 - any refusal counts
+        return False
+    return True
+
+
 def make_image(
     path: str | os.PathLike[str],
     mode: str = "RGB",

@@ -263,7 +263,9 @@ def build_tree(root: Path, outside: Path) -> tuple[dict[str, str], dict[str, byt
         ("modes/rgba.webp", "RGBA", (41, 30), {"lossless": True}),
         ("modes/gray.jpg", "L", (35, 22), {"quality": 90}),
     ]:
-        imagegen.make_image(add(name, "ok"), mode, size, **kw)
+        made = imagegen.make_image(add(name, "ok"), mode, size, **kw)
+        if not imagegen.pillow_reads(made):  # LLaVA's path fails on it too (see pillow_reads)
+            exp[name] = "fail"
     imagegen.make_animated(add("ok/animated_apng.png", "ok"), fmt="PNG")
     imagegen.make_image(add("ok/three_high.png", "ok"), "RGB", (50, 3))
     imagegen.make_image(add("ok/three_wide.jpg", "ok"), "RGB", (3, 50))
