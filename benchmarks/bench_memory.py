@@ -7,6 +7,11 @@ own peak (VmHWM) and the peak of the summed memory of the process tree (main pro
 forkserver, decode workers). The sum is of proportional set sizes (Pss): the decoded-image
 slots are shared memory, written by a worker and read by the main process, and summing
 resident sizes would count them twice. Prints one line per size.
+
+    python benchmarks/bench_memory.py --images 8000 --trace 3
+
+also prints the main process's resident memory every 3 s (VmRSS, and its anonymous and
+shared parts), to tell a peak that keeps growing from one that has levelled off.
 """
 
 from __future__ import annotations
@@ -57,14 +62,21 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def measure(cmd: list[str], env: dict[str, str]) -> tuple[float, int, int]:
+def measure(cmd: list[str], env: dict[str, str], trace: float = 0.0) -> tuple[float, int, int]:
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     hwm = tree = 0
+    next_trace = t0 + trace
     while proc.poll() is None:
         hwm = max(hwm, _status(proc.pid, "VmHWM"))
         total = sum(_pss(p) for p in [proc.pid] + _children(proc.pid))
         tree = max(tree, total)
+        now = time.perf_counter()
+        if trace and now >= next_trace:
+            next_trace += trace
+            parts = "  ".join(f"{f} {_status(proc.pid, f) / 1024:6.0f}"
+                              for f in ("VmRSS", "RssAnon", "RssShmem"))
+            print(f"    {now - t0:6.1f} s  main MiB: {parts}", flush=True)
         time.sleep(0.1)
     err = proc.stderr.read().decode() if proc.stderr else ""
     if proc.returncode != 0:
@@ -78,6 +90,8 @@ def main() -> None:
     ap.add_argument("--tower", default="tiny336")
     ap.add_argument("--shard-size", type=int, default=1000)
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "clipfeat-bench"))
+    ap.add_argument("--trace", type=float, default=0.0, metavar="SECONDS",
+                    help="print the main process's memory every SECONDS (0: never)")
     args = ap.parse_args()
     cache = Path(args.cache)
     photos = make_photos(cache / "photos-640x480", max(args.images))
@@ -93,7 +107,7 @@ def main() -> None:
                    "--files-from", str(lst),
                    "--out", str(Path(work) / "out"), "--model", str(ckpt), "--quiet",
                    "--device", "cpu", "--shard-size", str(args.shard_size)]
-            dt, hwm, tree = measure(cmd, env)
+            dt, hwm, tree = measure(cmd, env, args.trace)
         print(f"{n:8d} {dt:8.1f} {hwm / 1024:14.1f} {tree / 1024:14.1f}")
 
 
