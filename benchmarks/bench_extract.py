@@ -260,6 +260,10 @@ def main() -> None:
         print("clipfeat stages (s): " + ", ".join(f"{k} {v}" for k, v in stages.items()))
         figures["steady_state_share_of_model_only"] = round(t_model / loop, 4)
         figures["clipfeat_stages_s"] = stages
+        before = cf_summary.get("stats", {}).get("decoded_before_loop")
+        if before is not None:
+            print(f"clipfeat images decoded before the extraction loop started: {before}")
+            figures["decoded_before_loop"] = before
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(figures, indent=2))
     shutil.rmtree(work, ignore_errors=True)

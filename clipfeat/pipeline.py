@@ -840,6 +840,7 @@ def _run_chunks(
 
     device_s = [0.0]
     t_loop = time.perf_counter()
+    decoded_before_loop = pool.stats.decoded + pool.stats.failed  # done while torch loaded
     others = {c.id: len(c) for c in todo_all if not dist.mine(c.id)}
     next_poll = [0.0]
 
@@ -952,6 +953,7 @@ def _run_chunks(
             "device_launch_and_collect": round(device_s[0], 3),
             **{k: round(v, 3) for k, v in writer.seconds.items()},
         }
+        summary.stats["decoded_before_loop"] = decoded_before_loop
         if tuner is not None:
             summary.stats["torch_threads"] = tuner.threads
     summary.bytes_written = writer.bytes_written
