@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from clipfeat import fastresize
-from clipfeat.decode import _keep_heap
+from clipfeat.decode import keep_heap
 from clipfeat.preprocess import PreprocessSpec
 
 SOURCES = [(640, 480), (480, 640), (500, 375), (1024, 768), (1920, 1080), (4000, 3000),
@@ -43,7 +43,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", type=int, default=336)
     args = ap.parse_args()
-    _keep_heap()  # as the decode workers do (else glibc maps and faults fresh buffers per call)
+    keep_heap()  # as the decode workers do (else glibc maps and faults fresh buffers per call)
     s = args.size
     spec = PreprocessSpec.from_processor_config(None, family="clip", image_size=s)
     rng = np.random.default_rng(0)

@@ -22,7 +22,12 @@ try:  # typer >= 0.20 vendors its own click
 except ImportError:  # pragma: no cover - older typer on top of click
     from click import exceptions as click_exc
 
+from clipfeat.config import ExtractConfig
 from clipfeat.errors import ClipfeatError, Interrupted
+from clipfeat.units import human_bytes
+
+#: Every flag's default is the library's (one owner: clipfeat.config).
+_DEFAULTS = ExtractConfig()
 
 
 class _OneLineErrors(TyperGroup):
@@ -82,8 +87,8 @@ def _root(
 @app.command()
 def info(
     target: str = typer.Argument(..., help="A model (hub name or local folder), or an OUT store."),
-    layer: int = typer.Option(-2, "--layer", help="Hidden layer to select (negative counts from the end)."),
-    feature: str = typer.Option("patch", "--feature", help="patch (drop CLS) or cls_patch (keep it)."),
+    layer: int = typer.Option(_DEFAULTS.layer, "--layer", help="Hidden layer to select (negative counts from the end)."),
+    feature: str = typer.Option(_DEFAULTS.feature, "--feature", help="patch (drop CLS) or cls_patch (keep it)."),
     images: Optional[int] = typer.Option(None, "--images", min=0, help="Estimate the output size for N images."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
@@ -134,14 +139,6 @@ class _Bar:
             self.bar.close()
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
-
-
 def _split_exts(value: Optional[str]) -> Optional[tuple]:
     if value is None:
         return None
@@ -156,25 +153,25 @@ def extract(
     # silently write into the current folder.
     roots: List[str] = typer.Argument(None, metavar="ROOT...", help="Image folders to walk (recursively)."),
     out: str = typer.Option(..., "--out", "-o", help="Output folder for shards, manifest and failures."),
-    model: str = typer.Option("openai/clip-vit-large-patch14-336", "--model", help="Hub name or local checkpoint folder (CLIP or SigLIP)."),
+    model: str = typer.Option(_DEFAULTS.model, "--model", help="Hub name or local checkpoint folder (CLIP or SigLIP)."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
-    layer: int = typer.Option(-2, "--layer", help="Hidden layer (LLaVA's mm_vision_select_layer); negative counts from the end."),
-    feature: str = typer.Option("patch", "--feature", help="patch (drop CLS) or cls_patch (keep it)."),
-    aspect: str = typer.Option("square", "--aspect", help="square (resize+crop) or pad (LLaVA-1.5 expand2square)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto (float16 on CUDA, float32 on CPU), float16, bfloat16, float32."),
-    store_dtype: str = typer.Option("float16", "--store-dtype", help="Stored dtype: float16 or float32."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
+    layer: int = typer.Option(_DEFAULTS.layer, "--layer", help="Hidden layer (LLaVA's mm_vision_select_layer); negative counts from the end."),
+    feature: str = typer.Option(_DEFAULTS.feature, "--feature", help="patch (drop CLS) or cls_patch (keep it)."),
+    aspect: str = typer.Option(_DEFAULTS.aspect, "--aspect", help="square (resize+crop) or pad (LLaVA-1.5 expand2square)."),
+    device: str = typer.Option(_DEFAULTS.device, "--device", help="auto, cpu, cuda or cuda:N."),
+    dtype: str = typer.Option(_DEFAULTS.dtype, "--dtype", help="Compute dtype: auto (float16 on CUDA, float32 on CPU), float16, bfloat16, float32."),
+    store_dtype: str = typer.Option(_DEFAULTS.store_dtype, "--store-dtype", help="Stored dtype: float16 or float32."),
+    batch_size: int = typer.Option(_DEFAULTS.batch_size, "--batch-size", help="Images per forward pass."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Decode processes (default: one per core; 0 = in-process)."),
-    shard_size: int = typer.Option(1000, "--shard-size", help="Images per shard (the unit of resume)."),
+    shard_size: int = typer.Option(_DEFAULTS.shard_size, "--shard-size", help="Images per shard (the unit of resume)."),
     files_from: Optional[Path] = typer.Option(None, "--files-from", help="Text file of image paths, one per line (relative to ROOT or absolute)."),
     llava_json: Optional[Path] = typer.Option(None, "--llava-json", help="LLaVA training JSON/JSONL; keys are its 'image' strings."),
     image_folder: Optional[Path] = typer.Option(None, "--image-folder", help="Folder the --llava-json image paths are relative to."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N inputs."),
     ext: Optional[str] = typer.Option(None, "--ext", help="Comma-separated extensions to take (default jpg,jpeg,png,webp,bmp,gif,tif,tiff)."),
     exif_transpose: bool = typer.Option(False, "--exif-transpose", help="Apply EXIF orientation (LLaVA does not)."),
-    max_pixels: int = typer.Option(89_478_485, "--max-pixels", help="Refuse images with more pixels (decompression bombs)."),
-    decode_timeout: float = typer.Option(60.0, "--decode-timeout", help="Seconds before a stuck decode is abandoned and recorded."),
+    max_pixels: int = typer.Option(_DEFAULTS.max_pixels, "--max-pixels", help="Refuse images with more pixels (decompression bombs)."),
+    decode_timeout: float = typer.Option(_DEFAULTS.decode_timeout, "--decode-timeout", help="Seconds before a stuck decode is abandoned and recorded."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an OUT made with other settings."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights; only for trusted checkpoints."),
     strict: bool = typer.Option(False, "--strict", help="Exit 1 if any input failed."),
@@ -182,7 +179,6 @@ def extract(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
 ) -> None:
     """Extract features for every image under ROOT... into HDF5 shards in --out."""
-    from clipfeat.config import ExtractConfig
     from clipfeat.distributed import env_world
 
     try:
@@ -244,7 +240,7 @@ def extract(
                 f"{summary.extracted:,} extracted, {summary.failed:,} failed, "
                 f"{summary.skipped:,} skipped (already done) in {summary.seconds:.1f} s "
                 f"({summary.images_per_second:.1f} img/s); "
-                f"{_human_bytes(summary.bytes_written)} written to {out}"
+                f"{human_bytes(summary.bytes_written)} written to {out}"
             )
         if failures:
             msg += f"; {failures:,} failures listed in {Path(out) / 'failures.jsonl'}"

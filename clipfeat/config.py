@@ -10,11 +10,14 @@ from typing import Any
 from clipfeat.errors import ConfigError
 
 DEFAULT_MODEL = "openai/clip-vit-large-patch14-336"
+#: ``patch``: every patch token (CLS dropped where the tower has one); ``cls_patch``: all tokens.
 FEATURES = ("patch", "cls_patch")
+#: ``square``: resize + crop as LLaVA pretraining; ``pad``: ``expand2square`` first (LLaVA-1.5).
 ASPECTS = ("square", "pad")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
-STORE_DTYPES = ("float16", "float32")
-DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's Image.MAX_IMAGE_PIXELS
+STORE_DTYPES = ("float16", "float32")  # clipfeat.store.attrs maps each to its bytes on disk
+#: Pillow's own default ``Image.MAX_IMAGE_PIXELS`` (1 GiB of 24-bit pixels / 4 / 3).
+DEFAULT_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3
 
 
 def default_workers() -> int:
@@ -55,6 +58,9 @@ class ExtractConfig:
     overwrite: bool = False
     allow_pickle: bool = False
     torch_threads: int | None = None
+    #: Developer knobs for tests and benchmarks: ``decode_fn`` ("module:function", a decoder
+    #: with `clipfeat.decode.decode_file`'s signature), ``queue_bytes`` (the budget of
+    #: decoded images waiting for the device, `clipfeat.pipeline.feed.QUEUE_BYTES`).
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

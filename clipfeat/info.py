@@ -8,6 +8,7 @@ from typing import Any
 from clipfeat.errors import ConfigError
 from clipfeat.modelref import resolve_model
 from clipfeat.tower import check_feature, resolve_layer, tokens_per_image
+from clipfeat.units import human_bytes
 
 STORE_BYTES_PER_VALUE = 2  # features are stored as float16 by default
 
@@ -129,48 +130,24 @@ def _kind(d: dict) -> str:
 
 
 def is_store(target: str) -> bool:
-    """True if ``target`` is a clipfeat output folder (manifest.json or shard-*.h5)."""
-    path = Path(target).expanduser()
-    if not path.is_dir():
-        return False
-    return (path / "manifest.json").is_file() or any(path.glob("shard-*.h5"))
+    """True if ``target`` is a clipfeat output folder (see `clipfeat.store.is_store`)."""
+    from clipfeat.store import is_store as _is_store
+
+    return _is_store(Path(target).expanduser())
 
 
 def describe_store(target: str) -> dict:
-    """Summary of a clipfeat output store (delegates to ``clipfeat.store.describe_store``)."""
+    """Summary of a clipfeat output store (`clipfeat.store.describe_store`)."""
     from clipfeat.store import describe_store as _describe_store
 
     return _describe_store(Path(target).expanduser())
 
 
 def format_store(d: dict) -> str:
-    """Text of `describe_store`'s summary: ``clipfeat.store.format_store`` if it has one."""
-    from clipfeat import store
+    """Text of `describe_store`'s summary (`clipfeat.store.format_store`)."""
+    from clipfeat.store import format_store as _format_store
 
-    formatter = getattr(store, "format_store", None)
-    if formatter is not None:
-        return formatter(d)
-    rows: list[tuple[str, str]] = []  # fallback: a flat key/value table
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict) and value:
-            for key, sub in value.items():
-                walk(f"{prefix}.{key}" if prefix else str(key), sub)
-        else:
-            rows.append((prefix, _fmt_value(value)))
-
-    walk("", d)
-    return _table(rows)
-
-
-def human_bytes(n: float) -> str:
-    """Binary units with two decimals: 1181116006 -> '1.10 GiB'."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(value) < 1024 or unit == "PiB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.2f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")  # pragma: no cover
+    return _format_store(d)
 
 
 def _preprocessing(cfg: dict | None, family: str, image_size: int) -> dict:

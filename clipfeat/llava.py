@@ -16,9 +16,7 @@ stays light).
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
@@ -239,19 +237,9 @@ def load_llava_samples(data: str | os.PathLike | list) -> list[dict]:
     if isinstance(data, list):
         samples = data
     elif isinstance(data, (str, os.PathLike)):
-        path = Path(data)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as err:
-            raise ConfigError(f"{path}: cannot read the LLaVA data file ({err.strerror})") from err
-        stripped = text.lstrip()
-        try:
-            if stripped.startswith("["):
-                samples = json.loads(text)
-            else:
-                samples = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except ValueError as err:
-            raise ConfigError(f"{path}: not a LLaVA JSON list or JSONL file ({err})") from err
+        from clipfeat.sources import read_llava_samples
+
+        samples = [s for _, s in read_llava_samples(data)]
     else:
         raise ConfigError(f"expected a JSON/JSONL path or a list of samples, "
                           f"not {type(data).__name__}")

@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from clipfeat.errors import ConfigError, StoreError
+from clipfeat.store.layout import META_DIR, PLAN_FILE
 
-PLAN_DIR = ".clipfeat"
-PLAN_FILE = "plan.jsonl"
 PLAN_FORMAT = "clipfeat-plan"
 PLAN_VERSION = 1
 
@@ -68,7 +67,44 @@ class Plan:
 
 
 def plan_path(out: Path) -> Path:
-    return Path(out) / PLAN_DIR / PLAN_FILE
+    """Where OUT's plan lives: ``OUT/.clipfeat/plan.jsonl``."""
+    return Path(out) / META_DIR / PLAN_FILE
+
+
+def read_header(out: Path) -> dict[str, Any] | None:
+    """The header line of OUT's plan (cheap: one line), or None if absent or unreadable."""
+    try:
+        with open(plan_path(out), encoding="utf-8") as fh:
+            head = json.loads(fh.readline())
+    except (OSError, ValueError):
+        return None
+    return head if isinstance(head, dict) and head.get("format") == PLAN_FORMAT else None
+
+
+def count_items(out: Path) -> int | None:
+    """How many items OUT's plan lists (its lines, without reading them), or None."""
+    try:
+        with open(plan_path(out), "rb") as fh:
+            return max(sum(1 for line in fh if line.strip()) - 1, 0)
+    except OSError:
+        return None
+
+
+def find_paths(out: Path, keys: set[str]) -> dict[str, str]:
+    """The planned path of each of ``keys`` found in OUT's plan (read until all are found)."""
+    found: dict[str, str] = {}
+    with open(plan_path(out), encoding="utf-8", errors="surrogateescape") as fh:
+        fh.readline()  # header
+        for line in fh:
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            key = rec.get("k", rec.get("key"))  # hand-written plans may use long names
+            if key in keys:
+                found[key] = rec.get("p", rec.get("path"))
+                if len(found) == len(keys):
+                    break
+    return found
 
 
 def _dumps(obj: Any) -> str:

@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, Union
 
+from clipfeat.config import ASPECTS, DEFAULT_MAX_PIXELS
 from clipfeat.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -50,11 +51,6 @@ __all__ = [
     "to_uint8",
 ]
 
-#: Pillow's own default ``Image.MAX_IMAGE_PIXELS`` (1 GiB of 24-bit pixels / 4 / 3).
-DEFAULT_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3
-
-#: ``square``: resize + crop as LLaVA pretraining; ``pad``: ``expand2square`` first (LLaVA-1.5).
-ASPECTS = ("square", "pad")
 
 FAMILIES = ("clip", "siglip")
 

@@ -355,8 +355,9 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _load_llava_samples(file: str | Path) -> list[tuple[str, object]]:
-    """[(where, sample)] from a JSON list or JSON Lines file; `where` names the sample."""
+def read_llava_samples(file: str | Path) -> list[tuple[str, object]]:
+    """[(where, sample)] from a LLaVA JSON list or JSON Lines file (UTF-8, with or without
+    a BOM); `where` names the sample. The one reader of LLaVA data files."""
     name = os.fspath(file)
     data = _read_bytes(file, "LLaVA data file")
     try:
@@ -432,7 +433,7 @@ def read_llava_json(file: str | Path, image_folder: str | Path) -> list[Item]:
     items: list[Item] = []
     seen: set[str] = set()
     with _gc_paused():
-        samples = _load_llava_samples(file)
+        samples = read_llava_samples(file)
     for where, sample in samples:
         if not isinstance(sample, dict):
             raise ConfigError(

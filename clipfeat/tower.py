@@ -18,6 +18,7 @@ import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from clipfeat.config import FEATURES
 from clipfeat.errors import ConfigError, ModelError
 from clipfeat.modelref import ModelRef, resolve_model
 
@@ -26,7 +27,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-FEATURES = ("patch", "cls_patch")
 
 _DTYPE_NAMES = {
     "float32": "float32", "fp32": "float32", "float": "float32",
@@ -153,6 +153,7 @@ class _TowerImpl:
         dtype: Any = None,
         revision: str | None = None,
         allow_pickle: bool = False,
+        model_ref: ModelRef | None = None,
     ) -> None:
         super().__init__()
         self.is_loaded = False
@@ -172,8 +173,10 @@ class _TowerImpl:
         self.vision_tower = None
         self._image_processor = None
 
-        self.model_ref = resolve_model(vision_tower, revision=revision,
-                                       need_weights=not delay_load, allow_pickle=allow_pickle)
+        # A caller that already resolved the model (extract, verify) passes its ModelRef.
+        self.model_ref = model_ref if model_ref is not None else resolve_model(
+            vision_tower, revision=revision, need_weights=not delay_load,
+            allow_pickle=allow_pickle)
         self.select_layer_index = resolve_layer(self.select_layer, self.model_ref.num_hidden_layers)
         check_feature(self.select_feature, self.model_ref.family)
 
@@ -372,6 +375,30 @@ def _build_tower_class() -> type:
         (_TowerImpl, nn.Module),
         {"__module__": __name__, "__doc__": _TowerImpl.__doc__, "__qualname__": "CLIPVisionTower"},
     )
+
+
+def load_tower(
+    model: str,
+    *,
+    layer: int,
+    feature: str = "patch",
+    revision: str | None = None,
+    allow_pickle: bool = False,
+    device: Any = None,
+    dtype: Any = None,
+    model_ref: ModelRef | None = None,
+) -> Any:
+    """A loaded `CLIPVisionTower` of ``model`` truncated after ``layer``, on ``device`` in
+    ``dtype``: the one loader that extract and verify share (``model_ref``: the already
+    resolved model, so it is not resolved again)."""
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(mm_vision_select_layer=layer, mm_vision_select_feature=feature)
+    tower = _tower_class()(model, args, delay_load=True, revision=revision,
+                           allow_pickle=allow_pickle, device=device, dtype=dtype,
+                           model_ref=model_ref)
+    tower.load_model()
+    return tower
 
 
 def build_vision_tower(vision_tower_cfg: Any, **kwargs: Any) -> Any:

@@ -32,19 +32,19 @@ from clipfeat.store import (
     SHARD_PREFIX,
     STORE_DTYPES,
     ShardInfo,
-    _key_bytes,
-    _key_hash,
-    _key_str,
-    _open_h5,
-    _seq_sha256,
     check_shard_bytes,
     decode_attr,
     encode_attr,
+    key_bytes,
+    key_hash,
+    key_str,
     list_shard_files,
     load_index,
+    open_shard,
     parse_shard_id,
     planned_chunks,
     read_manifest,
+    seq_sha256,
     shard_checksum,
 )
 
@@ -170,7 +170,7 @@ def _check_shard(out: Path, name: str, entry: dict | None, config: dict,
     # refuses NaN/Inf: the row-by-row scan below is then only needed without one.
     intact = damage is None
     try:
-        f = _open_h5(path)
+        f = open_shard(path)
     except OSError as err:
         problems.append(f"{name}: cannot be opened as HDF5 ({_first_line(err)}); delete it "
                         "and rerun the extract command to redo it")
@@ -227,30 +227,30 @@ def _check_contents(f, name: str, sid: int | None, entry: dict | None, config: d
 
     # keys
     try:
-        raw_keys = [r if isinstance(r, bytes) else _key_bytes(r) for r in kds[...]]
+        raw_keys = [r if isinstance(r, bytes) else key_bytes(r) for r in kds[...]]
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         problems.append(f"{name}: keys unreadable ({_first_line(err)})")
         raw_keys = []
     else:
         want = attrs.get("keys_sha256")
-        if want is not None and _seq_sha256(raw_keys) != want:
+        if want is not None and seq_sha256(raw_keys) != want:
             problems.append(f"{name}: keys checksum mismatch (keys changed since the "
                             "shard was written); delete it and rerun to redo it")
-        res.hashes = [_key_hash(r) for r in raw_keys]
+        res.hashes = [key_hash(r) for r in raw_keys]
 
     # failures
     nfail = 0
     if "failures" in f:
         try:
-            raw_fail = [r if isinstance(r, bytes) else _key_bytes(r)
+            raw_fail = [r if isinstance(r, bytes) else key_bytes(r)
                         for r in f["failures"][...]]
             nfail = len(raw_fail)
             for r in raw_fail:
-                rec = json.loads(_key_str(r))
+                rec = json.loads(key_str(r))
                 if not isinstance(rec, dict) or "key" not in rec or "error" not in rec:
                     raise ValueError(f"bad failure record {rec!r}")
             want = attrs.get("failures_sha256")
-            if want is not None and _seq_sha256(raw_fail) != want:
+            if want is not None and seq_sha256(raw_fail) != want:
                 problems.append(f"{name}: failures checksum mismatch")
         except (OSError, ValueError, KeyError, RuntimeError) as err:
             problems.append(f"{name}: failure records unreadable ({_first_line(err)})")
@@ -328,8 +328,8 @@ def _check_duplicates(out: Path, results: list[_ShardResult], problems: list[str
     def key_of(i: int) -> bytes:
         shard = int(owner[order[i]])
         if shard not in key_cache:
-            with _open_h5(out / results[shard].name) as f:
-                key_cache[shard] = [r if isinstance(r, bytes) else _key_bytes(r)
+            with open_shard(out / results[shard].name) as f:
+                key_cache[shard] = [r if isinstance(r, bytes) else key_bytes(r)
                                     for r in f["keys"][...]]
         return key_cache[shard][int(row[order[i]])]
 
@@ -341,7 +341,7 @@ def _check_duplicates(out: Path, results: list[_ShardResult], problems: list[str
         found += 1
         if found <= MAX_LISTED:
             ra, rb = results[int(owner[order[i]])], results[int(owner[order[i + 1]])]
-            problems.append(f"{rb.name}: key {_key_str(a)!r} duplicated (row "
+            problems.append(f"{rb.name}: key {key_str(a)!r} duplicated (row "
                             f"{int(row[order[i + 1]])}; also {ra.name} row "
                             f"{int(row[order[i]])})")
     if found > MAX_LISTED:
@@ -372,33 +372,10 @@ def _check_failures_file(out: Path, man: dict | None, problems: list[str]) -> No
                         f"{man.get('num_failures')}")
 
 
-def _plan_paths(out: Path, keys: set[str]) -> dict[str, str]:
-    found: dict[str, str] = {}
-    path = out / META_DIR / PLAN_FILE
-    with open(path, encoding="utf-8", errors="surrogateescape") as fh:
-        fh.readline()  # header
-        for line in fh:
-            if not line.strip():
-                continue
-            rec = json.loads(line)
-            key = rec.get("key", rec.get("k"))  # plan.py writes short names (k, p)
-            if key in keys:
-                found[key] = rec.get("path", rec.get("p"))
-                if len(found) == len(keys):
-                    break
-    return found
-
-
 def _sample(out: Path, report: VerifyReport, entries: list[dict], config: dict, *,
             model: str, sample: int, device: str, seed: int) -> None:
     import numpy as np
 
-    try:
-        from clipfeat.pipeline import compute_features
-    except ImportError as err:
-        raise ClipfeatError(
-            f"cannot re-extract samples: clipfeat.pipeline.compute_features unavailable ({err})"
-        ) from err
     counts = [int(e.get("num_rows", 0)) for e in entries]
     total = sum(counts)
     if total == 0:
@@ -412,19 +389,20 @@ def _sample(out: Path, report: VerifyReport, entries: list[dict], config: dict, 
         idx = int(np.searchsorted(starts, p, side="right")) - 1
         name, r = entries[idx]["file"], p - int(starts[idx])
         try:
-            with _open_h5(out / name) as f:
-                key = _key_str(f["keys"][r])
+            with open_shard(out / name) as f:
+                key = key_str(f["keys"][r])
                 stored = np.asarray(f["features"][r], dtype=np.float32)
         except (OSError, KeyError, ValueError, RuntimeError) as err:
             report.problems.append(f"{name}: cannot read sampled row {r} ({_first_line(err)})")
             continue
         chosen.append((key, name, stored))
-    plan_path = out / META_DIR / PLAN_FILE
-    if not plan_path.is_file():
+    from clipfeat.plan import find_paths, plan_path
+
+    if not plan_path(out).is_file():
         report.problems.append(f"{META_DIR}/{PLAN_FILE}: missing, cannot find the images of "
                                "sampled rows")
         return
-    paths = _plan_paths(out, {k for k, _, _ in chosen})
+    paths = find_paths(out, {k for k, _, _ in chosen})
     items = []
     for key, name, _ in chosen:
         if paths.get(key) is None:
@@ -561,3 +539,48 @@ def verify_store(
     elif sample > 0:
         report.notes.append("--sample needs --model to re-extract rows; skipped")
     return report
+
+
+def compute_features(
+    items: list[tuple[str, str]],
+    meta: dict[str, Any],
+    *,
+    model: str,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Re-extract ``(key, path)`` items with the settings in ``meta`` (a store's config);
+    key -> float32 array, or the error text of an image that cannot be read.
+
+    The tower comes from `clipfeat.tower.load_tower`, as in extract, at the revision the
+    store records when ``model`` is the store's own model; CPU computes in float32.
+    """
+    import numpy as np
+    import torch
+
+    from clipfeat.preprocess import Normalizer, PreprocessSpec, load_image, to_uint8
+    from clipfeat.tower import load_tower
+
+    dtype = str(meta.get("compute_dtype") or "float32")
+    if device == "cpu" and dtype == "float16":
+        dtype = "float32"
+    revision = (meta.get("model_revision") or None) if model == meta.get("model") else None
+    tower = load_tower(model, layer=int(meta["layer"]), feature=str(meta["feature"]),
+                       revision=revision, device=device, dtype=dtype)
+    spec = PreprocessSpec.from_processor_config(
+        tower.model_ref.preprocessor_config, family=tower.family,
+        image_size=int(tower.config.image_size),
+    )
+    norm = Normalizer(spec)
+    out: dict[str, Any] = {}
+    for key, path in items:
+        try:
+            img = load_image(path, exif_transpose=bool(meta.get("exif_transpose", False)))
+            arr = to_uint8(img, spec, meta.get("aspect", "square"))
+        except Exception as err:  # noqa: BLE001 - per-item failures are data here
+            out[key] = f"{type(err).__name__}: {err}"
+            continue
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(arr))[None].to(device)
+            feats = tower.forward_features(norm(x).to(tower.dtype))
+        out[key] = feats[0].float().cpu().numpy()
+    return out

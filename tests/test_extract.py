@@ -290,11 +290,11 @@ def test_thread_tuner_shares_the_cores_with_the_decode_workers():
     """CPU runs: torch gets the cores the workers leave while they decode, every core when
     the decoded-image queue is (nearly) full or decoding is over, and gives them back when
     the queue falls under half full."""
-    from clipfeat.pipeline import _ThreadTuner
+    from clipfeat.pipeline.tuning import ThreadTuner
 
     before = torch.get_num_threads()
     try:
-        tuner = _ThreadTuner(4, workers=3)
+        tuner = ThreadTuner(4, workers=3)
         tuner.step(0.3)  # decoding, queue short: the one core the workers leave
         assert tuner.threads == torch.get_num_threads() == 1
         tuner.step(0.7)  # between the marks: no change
@@ -308,7 +308,7 @@ def test_thread_tuner_shares_the_cores_with_the_decode_workers():
         tuner.step(0.0, decoding=False)  # every image is decoded: all threads, now
         assert tuner.threads == torch.get_num_threads() == 4
 
-        few = _ThreadTuner(8, workers=2)  # more cores than workers: torch keeps the rest
+        few = ThreadTuner(8, workers=2)  # more cores than workers: torch keeps the rest
         few.step(0.0)
         assert few.threads == torch.get_num_threads() == 6
     finally:
@@ -324,22 +324,20 @@ def _rows(out: Path) -> dict[str, np.ndarray]:
     return rows
 
 
-def test_reused_pixel_slots_give_the_rows_of_in_process_decoding(tmp_path, clip_full_dir,
-                                                                  monkeypatch):
+def test_reused_pixel_slots_give_the_rows_of_in_process_decoding(tmp_path, clip_full_dir):
     """Decoded images wait in shared-memory slots that are reused once their batch is
     stacked. With the queue squeezed to a few slots (each reused many times), every row must
     still be the one decoding in-process gives: a slot freed too early would show here."""
-    import clipfeat.pipeline
-
     rng = np.random.default_rng(7)
     root = tmp_path / "imgs"
     root.mkdir()
     for i in range(40):
         w, h = (int(x) for x in rng.integers(20, 90, size=2))
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / f"{i:02d}.png")
-    monkeypatch.setattr(clipfeat.pipeline, "QUEUE_BYTES", 1)  # depth 8: 16 slots in all
+    # extra["queue_bytes"] is the decoded-image budget: 1 byte gives a queue of depth 8,
+    # 16 slots in all
     common = dict(roots=[str(root)], model=str(clip_full_dir), device="cpu", batch_size=4,
-                  torch_threads=1, shard_size=16)
+                  torch_threads=1, shard_size=16, extra={"queue_bytes": 1})
     a = clipfeat.extract(out=str(tmp_path / "a"), workers=2, **common)
     b = clipfeat.extract(out=str(tmp_path / "b"), workers=0, **common)
     assert a.extracted == b.extracted == 40

@@ -493,11 +493,11 @@ def _signal_in_load(monkeypatch) -> None:
 def _signal_swallowed(monkeypatch) -> None:
     """SIGINT lands where its exception is lost (as in a __del__ or weakref callback, where
     Python only prints it), part-way through the run."""
-    from clipfeat import pipeline
+    from clipfeat.tower import CLIPVisionTower
 
-    real, calls = pipeline._Device.launch, [0]
+    real, calls = CLIPVisionTower.forward_features, [0]
 
-    def launch(self, *a, **kw):
+    def forward_features(self, *a, **kw):
         calls[0] += 1
         if calls[0] == 4:
             try:
@@ -506,7 +506,7 @@ def _signal_swallowed(monkeypatch) -> None:
                 pass
         return real(self, *a, **kw)
 
-    monkeypatch.setattr(pipeline._Device, "launch", launch)
+    monkeypatch.setattr(CLIPVisionTower, "forward_features", forward_features)
 
 
 @pytest.mark.parametrize("inject", [_signal_in_load, _signal_swallowed])

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -142,7 +143,7 @@ def test_unknown_key_and_bad_index(tmp_path):
 def test_manifest_and_failures_file(tmp_path):
     expected, failures = make_store(tmp_path)
     man = json.loads((tmp_path / "manifest.json").read_text())
-    assert man["format"] == "clipfeat" and man["format_version"] == 1
+    assert man["format"] == "clipfeat" and man["format_version"] == store_mod.FORMAT_VERSION
     assert man["complete"] is True
     assert man["num_images"] == 8 and man["num_failures"] == len(failures) == 4
     assert man["num_shards"] == 3
@@ -167,7 +168,7 @@ def test_shard_file_layout(tmp_path):
         recs = [json.loads(s) for s in f["failures"].asstr()[...]]
         assert recs[0]["key"] == "bad0_0.jpg" and "error" in recs[0]
         a = f.attrs
-        assert a["shard_id"] == 0 and a["num_rows"] == 5 and a["format_version"] == 1
+        assert a["shard_id"] == 0 and a["num_rows"] == 5 and a["format_version"] == store_mod.FORMAT_VERSION
         assert a["layer"] == -2 and a["feature"] == "patch" and a["store_dtype"] == "float16"
         assert a["tokens"] == TOKENS and a["hidden_size"] == HIDDEN
         assert json.loads(a["preprocessing"]) == {"mean": [0.5, 0.5, 0.5], "size": 28}
@@ -207,7 +208,10 @@ def test_surrogate_keys_and_failure_paths(tmp_path):
 
 
 def test_hash_collisions_still_resolve(tmp_path, monkeypatch):
-    monkeypatch.setattr(store_mod, "_key_hash", lambda raw: 7)  # every key collides
+    import clipfeat.store.index
+
+    # the index's key hash is its seam: every key collides
+    monkeypatch.setattr(clipfeat.store.index, "key_hash", lambda raw: 7)
     expected, _ = make_store(tmp_path)
     store = FeatureStore(tmp_path)
     assert store.index_kind == "array"
@@ -274,11 +278,12 @@ def test_refinalize_replaces_index(tmp_path):
 def test_open_through_index_reads_no_shard_metadata(tmp_path, monkeypatch):
     expected, _ = make_store(tmp_path)
 
-    def no_scan(path):
-        raise AssertionError(f"scanned {path}")
+    import h5py
 
-    monkeypatch.setattr(store_mod, "_read_layout", no_scan)
-    monkeypatch.setattr(store_mod, "_open_h5", no_scan)
+    def no_scan(path, *args, **kwargs):
+        raise AssertionError(f"opened {path} with h5py")
+
+    monkeypatch.setattr(h5py, "File", no_scan)
     store = FeatureStore(tmp_path)
     for key, want in expected.items():
         np.testing.assert_array_equal(store[key].numpy(), want)
@@ -350,9 +355,9 @@ def test_file_handle_cache_is_bounded(tmp_path):
     store = FeatureStore(tmp_path, max_open_files=2)
     for key, want in list(expected.items()) * 2:
         np.testing.assert_array_equal(store[key].numpy(), want)
-        assert len(store._fds) <= 2
+        assert store.open_files <= 2
     store.close()
-    assert not store._fds
+    assert store.open_files == 0
 
 
 def test_plain_h5py_use_alongside_the_store(tmp_path):
@@ -661,3 +666,48 @@ def test_imports_stay_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True).stdout
     assert out.strip() == "[]"
+
+
+# ----------------------------------------------------------------------------- formats
+
+V1_STORE = Path(__file__).parent / "data" / "store-v1"
+
+
+def test_format_1_store_of_earlier_clipfeat_reads_and_verifies(tmp_path):
+    """A store written by clipfeat's format 1 (rows written through h5py, 8 MiB checksum
+    blocks; made by the code of commit 02e3088) stays readable and verifiable."""
+    from clipfeat.store import check_shard_bytes
+    from clipfeat.verify import verify_store
+
+    out = tmp_path / "old"
+    shutil.copytree(V1_STORE, out)
+    assert json.loads((out / "manifest.json").read_text())["format_version"] == 1
+    expected = np.load(V1_STORE.parent / "store-v1-expected.npz")
+    store = FeatureStore(out)
+    assert store.index_kind == "array" and len(store) == len(expected.files) == 5
+    for name in expected.files:
+        np.testing.assert_array_equal(store[name.replace("|", "/")].numpy(), expected[name])
+    for path in sorted(out.glob("shard-*.h5")):
+        assert b"checksum sha256-8MiB-tree " in path.read_bytes()[:512]
+        assert check_shard_bytes(path) is None
+    assert verify_store(out).ok
+    path = out / "shard-000001.h5"
+    data = bytearray(path.read_bytes())
+    data[-600] ^= 1
+    path.write_bytes(bytes(data))
+    assert check_shard_bytes(path) is not None and not verify_store(out).ok
+
+
+def test_features_are_early_allocated_unfilled_one_row_chunks(tmp_path):
+    """Format 2: HDF5 allocates every row's chunk as the dataset grows and never fills it;
+    the writer puts the rows there itself. Still one uncompressed chunk per row."""
+    make_store(tmp_path)
+    for path in sorted(tmp_path.glob("shard-*.h5")):
+        with h5py.File(path, "r") as f:
+            ds = f["features"]
+            plist = ds.id.get_create_plist()
+            assert ds.chunks == (1, TOKENS, HIDDEN) and ds.compression is None
+            assert plist.get_alloc_time() == h5py.h5d.ALLOC_TIME_EARLY
+            assert plist.get_fill_time() == h5py.h5d.FILL_TIME_NEVER
+            assert f.attrs["format_version"] == store_mod.FORMAT_VERSION == 2
+            assert ds.id.get_num_chunks() == ds.shape[0]

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import types
 from pathlib import Path
 
 import h5py
@@ -131,28 +129,44 @@ def test_checksum_block_matches_an_independent_hash(tmp_path):
     man = json.loads((tmp_path / "manifest.json").read_text())
     for entry in man["shards"]:
         data = (tmp_path / entry["file"]).read_bytes()
-        block = 8 * 1024 * 1024
+        assert store_mod.CHECKSUM_KIND == "sha256-1MiB-tree"
+        block = 1024 * 1024
         body = data[512:]
         digests = b"".join(hashlib.sha256(body[i:i + block]).digest()
                            for i in range(0, len(body), block))
         assert entry["checksum"] == hashlib.sha256(digests).hexdigest()
         assert data.startswith(b"clipfeat-shard 1\n")
-        assert f"checksum sha256-8MiB-tree {entry['checksum']}".encode() in data[:512]
+        assert f"checksum sha256-1MiB-tree {entry['checksum']}".encode() in data[:512]
         assert f"bytes {len(data)}".encode() in data[:512]
         assert store_mod.shard_checksum(tmp_path / entry["file"]) == (entry["checksum"], len(data))
 
 
-def test_multi_block_checksum(tmp_path, monkeypatch):
-    """Shards bigger than one hash block (hashed in threads) verify, and a flip in a late
-    block is caught."""
-    from clipfeat import store as store_mod
+def test_multi_block_checksum(tmp_path):
+    """Shards bigger than one hash block (rows hashed while written, the rest read back in
+    threads) verify, and a flip in an early or a late block is caught."""
+    import numpy as np
 
-    monkeypatch.setattr(store_mod, "_HASH_BLOCK", 1024)
-    make_store(tmp_path, rows=(40, 3))
-    assert verify_store(tmp_path).ok
+    from clipfeat.store import ShardWriter, check_shard_bytes, finalize
+
+    rng = np.random.default_rng(3)
+    with ShardWriter(tmp_path, 0, tokens=64, hidden=256, store_dtype="float32",
+                     attrs={"model": "m"}, expected_rows=70) as w:
+        for start in range(0, 70, 16):  # 64 KiB rows: 70 rows span five 1 MiB blocks
+            n = min(16, 70 - start)
+            w.append([f"k{start + i}" for i in range(n)],
+                     rng.standard_normal((n, 64, 256)).astype(np.float32))
+        info = w.commit()
+    finalize(tmp_path, meta={"tokens": 64, "hidden_size": 256, "store_dtype": "float32"},
+             plan={}, shards=[info], complete=True)
     path = tmp_path / "shard-000000.h5"
-    _flip(path, path.stat().st_size - 3000)
-    assert problems_about(verify_store(tmp_path), "shard-000000.h5")
+    assert path.stat().st_size > 4 * 1024 * 1024
+    assert check_shard_bytes(path) is None and verify_store(tmp_path).ok
+    for offset in (700_000, path.stat().st_size - 3000):
+        _flip(path, offset)
+        assert check_shard_bytes(path) is not None
+        assert problems_about(verify_store(tmp_path), "shard-000000.h5")
+        _flip(path, offset)  # back
+    assert check_shard_bytes(path) is None
 
 
 def test_flipped_byte_in_keys(tmp_path):
@@ -255,7 +269,7 @@ def test_missing_index_is_only_a_note(tmp_path):
 
 @pytest.fixture
 def fake_compute(monkeypatch):
-    """Stand-in for clipfeat.pipeline.compute_features; records its calls."""
+    """Stand-in for clipfeat.verify.compute_features (the re-extraction); records its calls."""
     calls = []
     state = {"answer": None}
 
@@ -263,15 +277,9 @@ def fake_compute(monkeypatch):
         calls.append((list(items), meta, model, device))
         return {key: state["answer"](key, path) for key, path in items}
 
-    import clipfeat
+    import clipfeat.verify
 
-    try:
-        import clipfeat.pipeline as pipeline
-    except ImportError:
-        pipeline = types.ModuleType("clipfeat.pipeline")
-        monkeypatch.setitem(sys.modules, "clipfeat.pipeline", pipeline)
-        monkeypatch.setattr(clipfeat, "pipeline", pipeline, raising=False)
-    monkeypatch.setattr(pipeline, "compute_features", compute_features, raising=False)
+    monkeypatch.setattr(clipfeat.verify, "compute_features", compute_features)
     return calls, state
 
 

@@ -1,0 +1,316 @@
+"""`extract(config) -> Summary`: prepare -> plan -> loop -> finalize.
+
+1. prepare: every check of a user mistake that needs no torch (config, ROOTs, OUT, the
+   model's files and config, layer and feature), the inputs gathered, the existing plan
+   read. Nothing is written.
+2. settle: torch imported, the device and compute dtype chosen, the settings compared with
+   what an existing OUT was made with. Decoding starts before this, since importing torch
+   takes seconds. Still nothing written.
+3. load the tower (bad weights fail here), write the plan into OUT, and under torchrun
+   meet the other ranks.
+4. loop (`loop.run_chunks`) over this rank's unfinished chunks.
+5. finalize: failures.jsonl, manifest.json and the key index, on rank 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clipfeat.config import ExtractConfig
+from clipfeat.errors import ConfigError, ExtractionError, Interrupted
+from clipfeat.pipeline.device import resolve_device, resolve_dtype
+from clipfeat.pipeline.feed import DecodeFeed
+from clipfeat.pipeline.loop import run_chunks
+from clipfeat.pipeline.settings import RunSettings, identity_diff, source_record
+from clipfeat.pipeline.signals import Signalled, check_signal, signal_guard
+from clipfeat.pipeline.summary import Progress, Summary
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What step 1 found: the checked config, the resolved model and the inputs."""
+
+    cfg: ExtractConfig
+    out: Path
+    ref: Any  # clipfeat.modelref.ModelRef
+    spec: Any  # clipfeat.preprocess.PreprocessSpec
+    settings: RunSettings  # compute_dtype still None
+    items: list[Any]
+    existing_plan: Any  # clipfeat.plan.Plan or None
+
+
+@dataclass(frozen=True)
+class Run:
+    """A settled run: what the loop needs."""
+
+    cfg: ExtractConfig
+    out: Path
+    device: str
+    settings: RunSettings
+    spec: Any
+    tower: Any
+
+
+def extract(
+    config: ExtractConfig | None = None, *, progress: Progress | None = None, **kwargs: Any
+) -> Summary:
+    """Extract features for every input of `config` into its OUT folder; return a Summary.
+
+    Call with an `ExtractConfig`, or with its fields as keywords:
+    ``clipfeat.extract(roots=["images/"], out="feats/", layer=-2, feature="patch")``.
+    Raises ConfigError (bad arguments, nothing written), ExtractionError (the run failed;
+    finished shards are intact) or Interrupted (a signal stopped it; rerun to resume).
+    Called from the main thread, SIGINT/SIGTERM stop the run cleanly meanwhile; the
+    previous signal handlers and torch's thread count are back when it returns.
+    """
+    if config is None:
+        config = ExtractConfig(**kwargs)
+    elif kwargs:
+        config = dataclasses.replace(config, **kwargs)
+    undo = signal_guard()
+    try:
+        return _extract(config, progress)
+    except Signalled as stop:
+        name = signal.Signals(stop.signum).name
+        raise Interrupted(stop.signum, f"interrupted by {name}") from None
+    finally:
+        undo()
+
+
+def _extract(cfg: ExtractConfig, progress: Progress | None) -> Summary:
+    from clipfeat import distributed
+    from clipfeat.plan import extend, load_plan
+    from clipfeat.store import scan_shards
+
+    t0 = time.perf_counter()
+    prep = prepare(cfg)
+    out = prep.out
+    feed: DecodeFeed | None = None
+    dist = None
+    try:
+        plan = None
+        rank, world, _ = distributed.env_world()
+        if rank == 0:
+            plan = extend(prep.existing_plan, prep.items, shard_size=cfg.shard_size,
+                          sources=prep.settings.sources, identity=prep.settings.identity())
+        if world == 1:
+            # Start decoding now: the workers get going while torch and the model load.
+            finished = {} if cfg.overwrite or not out.is_dir() else scan_shards(out)
+            feed = DecodeFeed(cfg, prep.spec, plan,
+                              [c for c in plan.chunks if c.id not in finished])
+        device, settings = settle(prep)  # imports torch; may still refuse (nothing written)
+        if plan is not None and prep.existing_plan is None:
+            plan.header["identity"] = settings.identity()  # now with the compute dtype
+        t_prepared = time.perf_counter()
+        dist = distributed.setup(device)
+        # Load (and so validate) the weights before anything is written to OUT.
+        t_load = time.perf_counter()
+        run = Run(cfg, out, device, settings, prep.spec, _load_tower(prep, device, settings))
+        t_loaded = time.perf_counter()
+        if dist.is_main:
+            _write_plan(out, plan, overwrite=cfg.overwrite)
+        dist.barrier()
+        if plan is None:
+            plan = load_plan(out)
+        summary = Summary(out=str(out), planned=len(plan.items), rank=dist.rank, world=dist.world)
+        finished = scan_shards(out)
+        todo_all = [c for c in plan.chunks if c.id not in finished]
+        mine = [c for c in todo_all if dist.mine(c.id)]
+        summary.skipped = sum(len(c) for c in plan.chunks if c.id in finished)
+        if mine and feed is None:
+            feed = DecodeFeed(cfg, prep.spec, plan, mine)
+        if todo_all:
+            feed = run_chunks(run, plan, mine, todo_all, finished, summary, progress, dist, feed)
+        check_signal()
+        dist.barrier()
+        if dist.is_main:
+            _finalize(run, plan, summary)
+    finally:
+        if feed is not None:
+            feed.close()
+        if dist is not None:
+            dist.close()
+    summary.seconds = time.perf_counter() - t0
+    summary.stats.setdefault("seconds", {}).update(
+        prepare=round(t_prepared - t0, 3), model_load=round(t_loaded - t_load, 3)
+    )
+    return summary
+
+
+# --------------------------------------------------------------------------- 1. prepare
+
+
+def prepare(cfg: ExtractConfig) -> Prepared:
+    """Every check of a user mistake that needs no torch, before anything is written.
+
+    The device, the compute dtype and the comparison with an existing OUT wait for `settle`
+    (importing torch takes seconds, and decoding can start meanwhile).
+    """
+    from clipfeat import distributed
+    from clipfeat.modelref import resolve_model
+    from clipfeat.plan import load_plan
+    from clipfeat.preprocess import PreprocessSpec
+    from clipfeat.tower import check_feature
+
+    cfg.validate()
+    out = Path(cfg.out).expanduser()
+    for r in cfg.roots:
+        if not Path(r).is_dir():
+            raise ConfigError(f"ROOT {r} is not an existing folder: check the path")
+    _check_out(out)
+
+    # Resolved once per run: the tower is built from this very ModelRef.
+    ref = resolve_model(cfg.model, revision=cfg.revision, need_weights=True,
+                        allow_pickle=cfg.allow_pickle)
+    check_feature(cfg.feature, ref.family)
+    if ref.preprocessor_config is None:
+        logger.warning("model %r has no preprocessor_config.json: using the %s defaults at %d px",
+                       cfg.model, ref.family, ref.image_size)
+    spec = PreprocessSpec.from_processor_config(
+        ref.preprocessor_config, family=ref.family, image_size=ref.image_size
+    )
+    items, exts = _gather_items(cfg, out, scan=distributed.env_world()[0] == 0)
+    settings = RunSettings.of(cfg, ref, spec, source_record(cfg, exts))
+    plan = None
+    if not cfg.overwrite:
+        plan = load_plan(out) if out.is_dir() else None
+        if plan is not None:
+            if plan.shard_size != cfg.shard_size:
+                raise ConfigError(
+                    f"--shard-size {cfg.shard_size} differs from the {plan.shard_size} "
+                    f"--out {out} was planned with: rerun with --shard-size "
+                    f"{plan.shard_size}, or --overwrite to start over"
+                )
+        elif out.is_dir() and any(out.glob("shard-*.h5")):
+            raise ConfigError(
+                f"--out {out} holds shards but no plan: use another --out, or --overwrite"
+            )
+    return Prepared(cfg, out, ref, spec, settings, items, plan)
+
+
+def _gather_items(cfg: ExtractConfig, out: Path, *, scan: bool = True
+                  ) -> tuple[list[Any], tuple[str, ...]]:
+    """The inputs in plan order (only rank 0 scans; the others read the frozen plan), and
+    the extensions a folder walk takes."""
+    from clipfeat import sources
+
+    exts = tuple(cfg.exts) if cfg.exts else sources.DEFAULT_EXTS
+    if not scan:
+        items = []
+    elif cfg.llava_json:
+        items = sources.read_llava_json(cfg.llava_json, cfg.image_folder)
+    elif cfg.files_from:
+        items = sources.read_files_from(cfg.files_from, list(cfg.roots) or None)
+    else:
+        items = sources.walk_folders(list(cfg.roots), exts, exclude=[out])
+    if cfg.limit is not None:
+        items = items[: cfg.limit]
+    return items, exts
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder: choose another --out")
+    parent = out if out.exists() else out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: {parent} is not writable; choose a writable --out")
+
+
+# --------------------------------------------------------------------------- 2. settle
+
+
+def settle(prep: Prepared) -> tuple[str, RunSettings]:
+    """The checks that need torch: the device and the compute dtype, then the full settings
+    against what an existing OUT was made with. Writes nothing."""
+    from clipfeat import distributed
+
+    _, _, local_rank = distributed.env_world()
+    device = resolve_device(prep.cfg.device, local_rank)
+    settings = prep.settings.with_compute_dtype(resolve_dtype(prep.cfg.dtype, device))
+    plan = prep.existing_plan
+    if plan is not None:
+        diffs = identity_diff(plan.header.get("identity", {}), settings.identity())
+        if diffs:
+            raise ConfigError(
+                f"--out {prep.out} holds features made with other settings ({'; '.join(diffs)}): "
+                "use another --out, or --overwrite to replace them"
+            )
+    return device, settings
+
+
+# --------------------------------------------------------------------------- 3. load, plan
+
+
+def _load_tower(prep: Prepared, device: str, settings: RunSettings) -> Any:
+    """The tower on the run's device and dtype, from the run's ModelRef (ModelError on bad
+    weights)."""
+    from clipfeat.tower import load_tower
+
+    cfg = prep.cfg
+    return load_tower(cfg.model, layer=cfg.layer, feature=cfg.feature, revision=cfg.revision,
+                      allow_pickle=cfg.allow_pickle, device=device,
+                      dtype=settings.compute_dtype, model_ref=prep.ref)
+
+
+def _write_plan(out: Path, plan: Any, *, overwrite: bool) -> None:
+    """Create OUT (wiping clipfeat's files with --overwrite), write the plan into it and
+    remove what an interrupted run left half-written."""
+    from clipfeat.plan import save
+    from clipfeat.store import remove_partials
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # e.g. a read-only or pseudo file system
+        raise ConfigError(
+            f"--out {out} cannot be created ({err.strerror or err}): choose a writable --out"
+        ) from None
+    if overwrite:
+        _wipe(out)
+    try:
+        save(out, plan)
+    except PermissionError as err:
+        raise ConfigError(
+            f"--out {out} is not writable ({err.strerror or err}): choose a writable --out"
+        ) from None
+    except OSError as err:
+        raise ExtractionError(f"cannot write the plan into {out}: {err}") from None
+    remove_partials(out)
+
+
+def _wipe(out: Path) -> None:
+    """--overwrite: remove what clipfeat wrote (and nothing else)."""
+    import shutil
+
+    from clipfeat.store import FAILURES, MANIFEST, META_DIR, PARTIAL_SUFFIX, list_shard_files
+
+    for p in list_shard_files(out).values():
+        p.unlink()
+    for p in out.glob("shard-*.h5" + PARTIAL_SUFFIX):
+        p.unlink()
+    for name in (MANIFEST, FAILURES):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / META_DIR, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- 5. finalize
+
+
+def _finalize(run: Run, plan: Any, summary: Summary) -> None:
+    from clipfeat.store import finalize, scan_shards
+
+    shards = scan_shards(run.out)
+    summary.complete = all(c.id in shards for c in plan.chunks)
+    summary.total_failures = sum(s.num_failures for s in shards.values())
+    finalize(run.out, meta=run.settings.shard_attrs(), plan=plan.info(), shards=shards.values(),
+             complete=summary.complete)

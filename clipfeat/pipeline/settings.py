@@ -1,0 +1,106 @@
+"""One frozen record of a run's settings; shard attributes and the store identity both come
+from it, so the two cannot drift."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+#: The settings a store is made with: a rerun into an OUT made with other values is refused.
+IDENTITY_FIELDS = (
+    "model", "model_revision", "layer", "feature", "aspect", "compute_dtype", "store_dtype",
+    "exif_transpose", "preprocessing", "sources",
+)
+
+
+def _abs(p: str | None) -> str | None:
+    return os.path.abspath(p) if p else None
+
+
+def source_record(cfg: Any, exts: tuple[str, ...]) -> dict[str, Any]:
+    """Where the inputs come from, as the plan and the store identity record it."""
+    return {
+        "roots": [_abs(r) for r in cfg.roots],
+        "files_from": _abs(cfg.files_from),
+        "llava_json": _abs(cfg.llava_json),
+        "image_folder": _abs(cfg.image_folder),
+        "exts": list(exts) if not (cfg.llava_json or cfg.files_from) else None,
+    }
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What decides the numbers a run writes, and how its rows are shaped."""
+
+    model: str
+    model_revision: str
+    model_weights_revision: str
+    model_type: str
+    family: str
+    layer: int
+    layer_index: int
+    num_layers: int
+    feature: str
+    aspect: str
+    image_size: int
+    patch_size: int
+    hidden_size: int
+    tokens: int
+    has_cls_token: bool
+    store_dtype: str
+    exif_transpose: bool
+    preprocessing: dict[str, Any] = field(hash=False)
+    sources: dict[str, Any] = field(hash=False)
+    compute_dtype: str | None = None  # known once torch has chosen the device
+
+    @classmethod
+    def of(cls, cfg: Any, ref: Any, spec: Any, sources: dict[str, Any]) -> RunSettings:
+        """The settings of ``cfg`` for the resolved model ``ref`` and its preprocessing."""
+        from clipfeat.tower import resolve_layer, tokens_per_image
+
+        return cls(
+            model=cfg.model,
+            model_revision=ref.revision or "",
+            model_weights_revision=getattr(ref, "weights_revision", None) or "",
+            model_type=ref.model_type,
+            family=ref.family,
+            layer=cfg.layer,
+            layer_index=resolve_layer(cfg.layer, ref.num_hidden_layers),
+            num_layers=ref.num_hidden_layers,
+            feature=cfg.feature,
+            aspect=cfg.aspect,
+            image_size=int(ref.image_size),
+            patch_size=int(ref.patch_size),
+            hidden_size=int(ref.hidden_size),
+            tokens=int(tokens_per_image(ref, cfg.feature)),
+            has_cls_token=bool(ref.has_cls_token),
+            store_dtype=cfg.store_dtype,
+            exif_transpose=cfg.exif_transpose,
+            preprocessing=spec.to_dict(),
+            sources=sources,
+        )
+
+    def with_compute_dtype(self, dtype: str) -> RunSettings:
+        return dataclasses.replace(self, compute_dtype=dtype)
+
+    def shard_attrs(self) -> dict[str, Any]:
+        """The attributes every shard of the run carries (and manifest.json's ``config``)."""
+        from clipfeat import __version__
+
+        attrs: dict[str, Any] = {"clipfeat_version": __version__}
+        for f in dataclasses.fields(self):
+            if f.name != "sources":
+                attrs[f.name] = getattr(self, f.name)
+        return attrs
+
+    def identity(self) -> dict[str, Any]:
+        """The settings an existing OUT must have been made with to be resumed."""
+        return {name: getattr(self, name) for name in IDENTITY_FIELDS}
+
+
+def identity_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``field: old in OUT, new now`` for each setting that differs."""
+    return [f"{k}: {old.get(k)!r} in OUT, {new.get(k)!r} now"
+            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]

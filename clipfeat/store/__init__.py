@@ -1,0 +1,81 @@
+"""The output store: shard writer, manifest, failures, key index, reader.
+
+Layout of OUT (every name is owned by `clipfeat.store.layout`; see docs/architecture.md):
+
+    shard-000000.h5         finished shards only; chunk i of the plan -> shard i
+    manifest.json           config + finished shards with counts (rewritten atomically)
+    failures.jsonl          every input that could not be used, by shard then chunk order
+    .clipfeat/plan.jsonl    frozen work list (clipfeat.plan)
+    .clipfeat/index.json    key index header, points at .clipfeat/index-<token>/*.npy
+
+A shard is written as ``shard-NNNNNN.h5.partial`` and renamed into place after flush and
+fsync; the rename is the completion mark. The first 512 bytes of a shard are an HDF5 user
+block (HDF5 and h5py skip it) holding a checksum of the rest of the file, written at
+commit: any flipped byte anywhere in a shard is caught by ``clipfeat verify``.
+
+Reading never executes code: JSON, HDF5 and ``np.load(allow_pickle=False)`` only.
+
+Modules: `layout` (names in OUT), `io` (atomic writes, fsync, OS error messages), `keys`,
+`attrs`, `checksum`, `shard` (`ShardWriter`, `ShardInfo`), `manifest` (`finalize`),
+`index` (key index), `reader` (`FeatureStore`), `describe` (``clipfeat info OUT``).
+"""
+
+from __future__ import annotations
+
+from clipfeat.store.attrs import (
+    FLOAT16_MAX,
+    FLOAT32_MAX,
+    FORMAT_VERSION,
+    PER_SHARD_ATTRS,
+    RESERVED_ATTRS,
+    STORE_DTYPES,
+    decode_attr,
+    encode_attr,
+)
+from clipfeat.store.checksum import CHECKSUM_KIND, USERBLOCK, check_shard_bytes, shard_checksum
+from clipfeat.store.describe import describe_store, failure_reason, format_store, planned_chunks
+from clipfeat.store.h5file import open_shard
+from clipfeat.store.index import load_index, write_index
+from clipfeat.store.io import (
+    atomic_write_json,
+    atomic_write_lines,
+    os_error_message,
+    write_lines_atomically,
+)
+from clipfeat.store.keys import json_line, key_bytes, key_hash, key_str, seq_sha256
+from clipfeat.store.layout import (
+    FAILURES,
+    INDEX_FILE,
+    MANIFEST,
+    META_DIR,
+    PARTIAL_SUFFIX,
+    PLAN_FILE,
+    SHARD_PREFIX,
+    SHARD_SUFFIX,
+    is_store,
+    list_shard_files,
+    parse_shard_id,
+    remove_partials,
+    shard_name,
+)
+from clipfeat.store.manifest import finalize, read_manifest
+from clipfeat.store.reader import FeatureStore
+from clipfeat.store.shard import (
+    ShardInfo,
+    ShardWriter,
+    read_shard_failures,
+    read_shard_info,
+    scan_shards,
+)
+
+__all__ = [
+    "CHECKSUM_KIND", "FAILURES", "FLOAT16_MAX", "FLOAT32_MAX", "FORMAT_VERSION", "INDEX_FILE",
+    "MANIFEST", "META_DIR", "PARTIAL_SUFFIX", "PER_SHARD_ATTRS", "PLAN_FILE", "RESERVED_ATTRS",
+    "SHARD_PREFIX", "SHARD_SUFFIX", "STORE_DTYPES", "USERBLOCK", "FeatureStore", "ShardInfo",
+    "ShardWriter", "atomic_write_json", "atomic_write_lines", "check_shard_bytes",
+    "decode_attr", "describe_store", "encode_attr", "failure_reason", "finalize",
+    "format_store", "is_store", "json_line", "key_bytes", "key_hash", "key_str", "open_shard", "seq_sha256", "list_shard_files", "load_index", "os_error_message",
+    "parse_shard_id", "planned_chunks", "read_manifest", "read_shard_failures",
+    "read_shard_info", "remove_partials", "scan_shards", "shard_checksum", "shard_name",
+    "write_index", "write_lines_atomically",
+]

@@ -1,0 +1,160 @@
+"""What a store holds, for ``clipfeat info OUT``: a JSON-able summary and its text."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from clipfeat.errors import StoreError
+from clipfeat.store.attrs import PER_SHARD_ATTRS, decode_attr
+from clipfeat.store.layout import FAILURES, MANIFEST, is_store
+from clipfeat.store.manifest import read_manifest
+from clipfeat.store.shard import ShardInfo, open_shard, scan_shards
+from clipfeat.units import human_bytes
+
+
+def _first_int(d: dict | None, *names: str) -> int | None:
+    for name in names:
+        if d and isinstance(d.get(name), int) and not isinstance(d.get(name), bool):
+            return int(d[name])
+    return None
+
+
+def planned_chunks(out_dir: str | os.PathLike, plan: dict | None = None) -> int | None:
+    """Number of chunks (= shards) the frozen plan holds, or None when unknown."""
+    from clipfeat.plan import count_items, read_header
+
+    out = Path(out_dir)
+    header = read_header(out)
+    for d in (plan, header):
+        n = _first_int(d, "num_chunks", "chunks", "num_shards")
+        if n is not None:
+            return n
+    size = _first_int(plan, "shard_size", "chunk_size") or _first_int(
+        header, "shard_size", "chunk_size")
+    items = _first_int(plan, "num_items", "items", "total") or _first_int(
+        header, "num_items", "items", "total")
+    if size and items is None:
+        items = count_items(out)
+    if size and items is not None:
+        return -(-items // size)
+    return None
+
+
+def failure_reason(error: str) -> str:
+    """A failure's error string reduced to its reason (no paths, quotes or numbers)."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else "unknown"
+    head = text.split(": ", 1)[0].strip() or text
+    head = re.sub(r"'[^']*'|\"[^\"]*\"", "…", head)
+    head = re.sub(r"(?:/|[A-Za-z]:\\)\S+", "…", head)
+    head = re.sub(r"\d+", "N", head)
+    return head[:80]
+
+
+def describe_store(out_dir: str | os.PathLike) -> dict:
+    """A summary of a store for ``clipfeat info OUT`` (JSON-able). StoreError if OUT is
+    not a clipfeat store."""
+    out = Path(out_dir)
+    if not is_store(out):
+        raise StoreError(f"{out}: not a clipfeat store (no manifest.json, plan or shards)")
+    if (out / MANIFEST).is_file():
+        man = read_manifest(out)
+        shards = [ShardInfo.from_manifest(e) for e in man["shards"]]
+        meta, plan, complete = man.get("config") or {}, man.get("plan") or {}, man.get("complete")
+        updated = man.get("updated")
+    else:
+        shards = list(scan_shards(out).values())
+        meta, plan, complete, updated = {}, {}, False, None
+        if shards:
+            with open_shard(out / shards[0].file) as f:
+                meta = {k: decode_attr(v) for k, v in f.attrs.items()
+                        if k not in PER_SHARD_ATTRS}
+    reasons: dict[str, int] = {}
+    failures_path = out / FAILURES
+    num_failures = 0
+    if failures_path.is_file():
+        with open(failures_path, encoding="utf-8", errors="surrogateescape") as fh:
+            for line in fh:
+                if not line.strip():
+                    continue
+                num_failures += 1
+                try:
+                    err = json.loads(line).get("error", "")
+                except (ValueError, AttributeError):
+                    err = "unreadable failure record"
+                r = failure_reason(err)
+                reasons[r] = reasons.get(r, 0) + 1
+    else:
+        num_failures = sum(s.num_failures for s in shards)
+    done = {s.shard_id for s in shards}
+    total_chunks = planned_chunks(out, plan)
+    pending = (sorted(set(range(total_chunks)) - done) if total_chunks is not None else None)
+    disk = 0
+    for p in [out / s.file for s in shards] + [out / MANIFEST, failures_path]:
+        try:
+            disk += p.stat().st_size
+        except OSError:
+            pass
+    tokens, hidden = meta.get("tokens"), meta.get("hidden_size")
+    return {
+        "path": str(out),
+        "complete": bool(complete),
+        "images": sum(s.num_rows for s in shards),
+        "failures": num_failures,
+        "failure_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
+        "shards": len(shards),
+        "planned_shards": total_chunks,
+        "pending_shards": len(pending) if pending is not None else None,
+        "pending_shard_ids": pending[:20] if pending is not None else None,
+        "bytes": disk,
+        "updated": updated,
+        "config": {
+            "model": meta.get("model"),
+            "model_revision": meta.get("model_revision"),
+            "layer": meta.get("layer"),
+            "layer_index": meta.get("layer_index"),
+            "feature": meta.get("feature"),
+            "aspect": meta.get("aspect"),
+            "compute_dtype": meta.get("compute_dtype"),
+            "store_dtype": meta.get("store_dtype"),
+            "tokens": tokens,
+            "hidden_size": hidden,
+        },
+    }
+
+
+def format_store(d: dict) -> str:
+    """Human-readable text of ``describe_store``'s dict (missing entries show as '?')."""
+    c = d.get("config") or {}
+
+    def v(key: str) -> Any:
+        value = c.get(key)
+        return "?" if value is None else value
+
+    state = "complete" if d.get("complete") else "INCOMPLETE"
+    lines = [
+        f"store      {d.get('path', '?')} ({state})",
+        f"images     {d.get('images', '?')} in {d.get('shards', '?')} shards"
+        + (f", {human_bytes(d['bytes'])} on disk" if d.get("bytes") is not None else ""),
+        f"model      {v('model')}"
+        + (f" @ {c['model_revision']}" if c.get("model_revision") else ""),
+        f"layer      {v('layer')}"
+        + (f" (hidden_states[{c['layer_index']}])" if c.get("layer_index") is not None else "")
+        + f", feature {v('feature')}, aspect {v('aspect')}",
+        f"features   {v('tokens')} x {v('hidden_size')} {v('store_dtype')}"
+        f" (computed in {v('compute_dtype')})",
+    ]
+    if d.get("pending_shards"):
+        ids = ", ".join(str(i) for i in d.get("pending_shard_ids") or [])
+        more = "" if d["pending_shards"] <= len(d.get("pending_shard_ids") or []) else ", ..."
+        lines.append(f"pending    {d['pending_shards']} of {d.get('planned_shards', '?')} "
+                     f"shards ({ids}{more}): rerun the same extract command to finish")
+    lines.append(f"failures   {d.get('failures', '?')}")
+    for reason, count in (d.get("failure_reasons") or {}).items():
+        lines.append(f"  {count:>8}  {reason}")
+    if d.get("updated"):
+        lines.append(f"updated    {d['updated']}")
+    return "\n".join(lines)

@@ -1,0 +1,239 @@
+"""The key index: key -> store position and row offset, in memory-mapped numpy arrays.
+
+Written under ``OUT/.clipfeat/index-<token>/`` at the end of a run; the header
+``.clipfeat/index.json`` that points at the arrays is replaced last, so a crash leaves the
+old index in place.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from clipfeat.errors import ExtractionError, StoreError
+from clipfeat.store.attrs import FORMAT_VERSION
+from clipfeat.store.io import atomic_write_json, fsync_dir, os_error_message, read_json, remove_tree
+from clipfeat.store.keys import key_bytes, key_hash, key_str
+from clipfeat.store.layout import INDEX_FILE, INDEX_FORMAT, META_DIR
+from clipfeat.store.shard import ShardInfo, open_shard
+
+log = logging.getLogger(__name__)
+
+
+def row_offsets(ds):
+    """File offsets of each row of ``ds`` when every row is one unfiltered, allocated chunk
+    in a little-endian float16/float32 dataset (how ShardWriter writes); else None. Rows
+    can then be read with one ``pread`` each, without HDF5."""
+    import numpy as np
+
+    if ds.ndim != 3 or ds.dtype.str not in ("<f2", "<f4"):
+        return None
+    n, t, h = (int(v) for v in ds.shape)
+    if ds.chunks != (1, t, h) or ds.id.get_create_plist().get_nfilters() != 0:
+        return None
+    nbytes = t * h * ds.dtype.itemsize
+    offsets = np.full(n, -1, dtype=np.int64)
+    bad: list[Any] = []
+
+    def visit(info) -> None:
+        row = int(info.chunk_offset[0])
+        addr = info.byte_offset
+        if (info.size != nbytes or info.filter_mask or addr is None or not 0 <= row < n
+                or addr >= 2**63):
+            bad.append(info)
+        else:
+            offsets[row] = addr
+
+    try:
+        ds.id.chunk_iter(visit)
+    except AttributeError:  # HDF5 < 1.14: one call per chunk
+        try:
+            for i in range(ds.id.get_num_chunks()):
+                visit(ds.id.get_chunk_info(i))
+        except AttributeError:  # HDF5 < 1.10.5: no chunk queries at all
+            return None
+    if bad or (n and int(offsets.min()) < 0):
+        return None
+    return offsets
+
+
+def read_layout(path: Path) -> tuple[list[bytes], Any]:
+    """(raw keys, raw row offsets or None) of one finished shard."""
+    try:
+        with open_shard(path) as f:
+            keys = [r if isinstance(r, bytes) else key_bytes(r) for r in f["keys"][...]]
+            offsets = row_offsets(f["features"])
+    except (OSError, KeyError, ValueError, RuntimeError) as err:
+        raise StoreError(
+            f"{path}: cannot read its keys ({str(err).splitlines()[0] if str(err) else err!r});"
+            " run clipfeat verify"
+        ) from err
+    return keys, offsets
+
+
+def index_shards(shards: Iterable[ShardInfo]) -> list[list]:
+    """What an index is made for: [[shard id, rows, checksum or None], ...] by id."""
+    return [[s.shard_id, s.num_rows, s.checksum]
+            for s in sorted(shards, key=lambda s: s.shard_id)]
+
+
+def write_index(out_dir: str | os.PathLike, shards: Iterable[ShardInfo]) -> None:
+    """Write the key index of ``shards`` (in store order) under OUT/.clipfeat/.
+
+    Arrays (``np.save``, no pickle) go to a fresh ``index-<token>/`` folder: sorted 64-bit
+    key hashes with their store positions, the keys themselves (one UTF-8 blob + offsets)
+    and each row's byte offset in its shard. The header ``index.json`` that points at them
+    is replaced last, so a crash leaves the old index in place.
+    """
+    import numpy as np
+
+    out = Path(out_dir)
+    meta_dir = out / META_DIR
+    ordered = sorted(shards, key=lambda s: s.shard_id)
+    lengths: list[int] = []
+    hashes: list[int] = []
+    blobs: list[bytes] = []
+    row_offsets = []
+    for info in ordered:
+        raw, offs = read_layout(out / info.file)
+        if len(raw) != info.num_rows:
+            raise StoreError(
+                f"{out / info.file}: {len(raw)} keys but {info.num_rows} rows expected"
+            )
+        blobs.extend(raw)
+        lengths.extend(len(r) for r in raw)
+        hashes.extend(key_hash(r) for r in raw)
+        row_offsets.append(offs if offs is not None else np.full(len(raw), -1, np.int64))
+    n = len(blobs)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum(np.asarray(lengths, dtype=np.int64))
+    hash_arr = np.asarray(hashes, dtype=np.uint64)
+    order = np.argsort(hash_arr, kind="stable")
+    arrays = {
+        "hashes": hash_arr[order],
+        "positions": order.astype(np.int64),
+        "offsets": offsets,
+        "blob": np.frombuffer(b"".join(blobs), dtype=np.uint8),
+        "rows": (np.concatenate(row_offsets) if row_offsets else np.zeros(0, np.int64)),
+    }
+    idx_dir = meta_dir / f"index-{uuid.uuid4().hex[:12]}"
+    try:
+        idx_dir.mkdir(parents=True, exist_ok=False)
+        for name, arr in arrays.items():
+            with open(idx_dir / f"{name}.npy", "wb") as fh:
+                np.save(fh, arr, allow_pickle=False)
+                fh.flush()
+                os.fsync(fh.fileno())
+        fsync_dir(idx_dir)
+        fsync_dir(meta_dir)
+    except OSError as err:
+        remove_tree(idx_dir)
+        raise ExtractionError(os_error_message(err, idx_dir)) from err
+    header = {
+        "format": INDEX_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "dir": idx_dir.name,
+        "num_keys": n,
+        "hash": "blake2b-64-le",
+        "shards": index_shards(ordered),
+    }
+    atomic_write_json(meta_dir / INDEX_FILE, header)
+    for entry in os.scandir(meta_dir):
+        if entry.name.startswith("index-") and entry.name != idx_dir.name and entry.is_dir():
+            remove_tree(Path(entry.path))
+
+
+class ArrayIndex:
+    """Key -> store position through memory-mapped arrays (sorted 64-bit key hashes)."""
+
+    def __init__(self, folder: Path, num_keys: int) -> None:
+        import numpy as np
+
+        def load(name: str):
+            return np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+
+        self.hashes = load("hashes")
+        self.positions = load("positions")
+        self.offsets = load("offsets")
+        self.blob = load("blob")
+        self.rows = load("rows")
+        if not (
+            len(self.hashes) == len(self.positions) == len(self.rows) == num_keys
+            and len(self.offsets) == num_keys + 1
+            and (num_keys == 0 or int(self.offsets[-1]) == len(self.blob))
+        ):
+            raise ValueError("index arrays disagree with the header")
+        self.n = num_keys
+
+    def key_at(self, pos: int) -> str:
+        return key_str(bytes(self.blob[int(self.offsets[pos]):int(self.offsets[pos + 1])]))
+
+    def find(self, key: str) -> int | None:
+        import numpy as np
+
+        raw = key_bytes(key)
+        h = np.uint64(key_hash(raw))
+        i = int(np.searchsorted(self.hashes, h, side="left"))
+        while i < self.n and self.hashes[i] == h:
+            pos = int(self.positions[i])
+            if bytes(self.blob[int(self.offsets[pos]):int(self.offsets[pos + 1])]) == raw:
+                return pos
+            i += 1
+        return None
+
+    def keys(self) -> list[str]:
+        blob = bytes(self.blob)
+        off = self.offsets.tolist()
+        return [key_str(blob[off[i]:off[i + 1]]) for i in range(self.n)]
+
+    def row_offset(self, pos: int) -> int | None:
+        off = int(self.rows[pos])
+        return off if off >= 0 else None
+
+
+class DictIndex:
+    """Key -> store position built by reading every shard's keys (fallback)."""
+
+    def __init__(self, key_list: list[str]) -> None:
+        self._keys = key_list
+        self._pos: dict[str, int] = {}
+        for i, k in enumerate(key_list):
+            self._pos.setdefault(k, i)
+        self.n = len(key_list)
+
+    def key_at(self, pos: int) -> str:
+        return self._keys[pos]
+
+    def find(self, key: str) -> int | None:
+        return self._pos.get(key)
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def row_offset(self, pos: int) -> int | None:
+        return None  # unknown: FeatureStore reads the shard's layout on first use
+
+
+def load_index(out_dir: str | os.PathLike, shards: list[ShardInfo]) -> ArrayIndex | None:
+    """The key index if present and made for exactly ``shards``; None if missing or stale."""
+    meta_dir = Path(out_dir) / META_DIR
+    header_path = meta_dir / INDEX_FILE
+    if not header_path.exists():
+        return None
+    try:
+        header = read_json(header_path, "the key index")
+        if header.get("format") != INDEX_FORMAT or header.get("shards") != index_shards(shards):
+            log.warning("%s: key index is stale (shard set differs from the manifest)",
+                        header_path)
+            return None
+        name = str(header["dir"])
+        if "/" in name or "\\" in name or not name.startswith("index-"):
+            raise ValueError(f"bad index folder {name!r}")
+        return ArrayIndex(meta_dir / name, int(header["num_keys"]))
+    except (StoreError, OSError, ValueError, KeyError, TypeError) as err:
+        log.warning("%s: key index unusable (%s)", header_path, err)
+        return None

@@ -1,0 +1,493 @@
+"""Writing one shard atomically (`ShardWriter`) and reading what a finished shard holds.
+
+A shard is written as ``shard-NNNNNN.h5.partial`` and renamed into place after flush and
+fsync; the rename is the completion mark. Each shard carries its chunk's failure records,
+so one rename commits both. HDF5 writes only the metadata (through `_GuardedFile`, which
+never lets an OS error reach HDF5); feature rows go to disk with ``os.pwrite`` at the file
+offsets HDF5 allocated for their chunks, and are hashed as they are written (see
+`checksum`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clipfeat.errors import ConfigError, ExtractionError, StoreError
+from clipfeat.store.attrs import (
+    FLOAT16_MAX,
+    FLOAT32_MAX,
+    FORMAT_VERSION,
+    RESERVED_ATTRS,
+    STORE_DTYPES,
+    encode_attr,
+)
+from clipfeat.store.checksum import USERBLOCK, TreeHasher, hash_fd, shard_checksum, userblock_bytes
+from clipfeat.store.h5file import (
+    LIBVER,
+    GuardedFile,
+    RowSpace,
+    create_rows_dataset,
+    open_shard,
+    pwrite_all,
+)
+from clipfeat.store.io import fsync_dir, os_error_message, unlink_quietly
+from clipfeat.store.keys import json_line, key_bytes, key_str, seq_sha256
+from clipfeat.store.layout import PARTIAL_SUFFIX, list_shard_files, parse_shard_id, shard_name
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ShardInfo:
+    """A finished shard: its id, file name, counts and size; ``failures`` are its chunk's
+    failure records (empty when not loaded, e.g. when read from the manifest)."""
+
+    shard_id: int
+    file: str
+    num_rows: int
+    num_failures: int
+    bytes: int
+    failures: list[dict] = field(default_factory=list, repr=False)
+    checksum: str | None = None  # of the file after its 512-byte user block (hash_fd)
+
+    def to_manifest(self) -> dict:
+        """The entry of this shard in manifest.json."""
+        entry = {
+            "file": self.file,
+            "shard_id": self.shard_id,
+            "num_rows": self.num_rows,
+            "num_failures": self.num_failures,
+            "bytes": self.bytes,
+        }
+        if self.checksum:
+            entry["checksum"] = self.checksum
+        return entry
+
+    @classmethod
+    def from_manifest(cls, entry: dict) -> ShardInfo:
+        """A ShardInfo from a manifest.json entry (failures not loaded)."""
+        return cls(
+            shard_id=int(entry["shard_id"]),
+            file=str(entry.get("file") or shard_name(int(entry["shard_id"]))),
+            num_rows=int(entry["num_rows"]),
+            num_failures=int(entry.get("num_failures", 0)),
+            bytes=int(entry.get("bytes", 0)),
+            checksum=entry.get("checksum"),
+        )
+
+
+# --------------------------------------------------------------------------- writer
+
+
+def _as_array(features: Any):
+    """numpy view of ``features`` (numpy array or torch tensor, any float dtype)."""
+    import numpy as np
+
+    if hasattr(features, "detach"):  # torch.Tensor, without importing torch here
+        t = features.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        if str(t.dtype) == "torch.bfloat16":
+            t = t.float()
+        return t.numpy()
+    return np.asarray(features)
+
+
+class ShardWriter:
+    """Writes one shard atomically. Keyword-only, use as a context manager::
+
+        with ShardWriter(out, 3, tokens=576, hidden=1024, store_dtype="float16",
+                         attrs=attrs, expected_rows=1000) as w:
+            w.append(keys, feats)        # (b, tokens, hidden)
+            w.add_failures(records)
+            info = w.commit()
+
+    Leaving the block without ``commit()`` (or with an exception) discards the shard.
+    Rows go straight to disk (memory is bounded by one batch); only keys stay in memory.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        shard_id: int,
+        *,
+        tokens: int,
+        hidden: int,
+        store_dtype: str,
+        attrs: dict,
+        expected_rows: int | None = None,
+    ) -> None:
+        problems = []
+        if isinstance(shard_id, bool) or not isinstance(shard_id, int) or shard_id < 0:
+            problems.append(f"shard_id={shard_id!r} must be an int >= 0")
+        for name, val in (("tokens", tokens), ("hidden", hidden)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                problems.append(f"{name}={val!r} must be an int >= 1")
+        if store_dtype not in STORE_DTYPES:
+            problems.append(f"store_dtype={store_dtype!r} must be one of {sorted(STORE_DTYPES)}")
+        if expected_rows is not None and (
+            isinstance(expected_rows, bool) or not isinstance(expected_rows, int)
+            or expected_rows < 0
+        ):
+            problems.append(f"expected_rows={expected_rows!r} must be None or an int >= 0")
+        if not isinstance(attrs, dict):
+            problems.append(f"attrs must be a dict, not {type(attrs).__name__}")
+        else:
+            bad = [k for k in attrs if not isinstance(k, str)]
+            if bad:
+                problems.append(f"attrs keys must be str, got {bad[:3]!r}")
+            taken = [k for k in RESERVED_ATTRS if k in attrs]
+            if taken:
+                problems.append(f"attrs may not set {taken} (ShardWriter sets them)")
+            for name, val in (("tokens", tokens), ("hidden_size", hidden),
+                              ("store_dtype", store_dtype)):
+                if name in attrs and attrs[name] != val:
+                    problems.append(f"attrs[{name!r}]={attrs[name]!r} disagrees with {val!r}")
+        if problems:
+            raise ConfigError("ShardWriter: " + "; ".join(problems))
+        out = Path(out_dir)
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"output {out} exists and is not a folder: choose another path")
+
+        self._attrs = {k: encode_attr(v) for k, v in attrs.items()}
+        self._attrs.update(tokens=tokens, hidden_size=hidden, store_dtype=store_dtype)
+        self.out_dir = out
+        self.shard_id = shard_id
+        self.tokens = tokens
+        self.hidden = hidden
+        self.store_dtype = store_dtype
+        self.final_path = out / shard_name(shard_id)
+        self.partial_path = out / (shard_name(shard_id) + PARTIAL_SUFFIX)
+        self._limit = FLOAT16_MAX if store_dtype == "float16" else FLOAT32_MAX
+        self._rows = 0
+        self._keys: list[str] = []
+        self._seen: set[str] = set()
+        self._failures: list[dict] = []
+        self._raw: GuardedFile | None = None
+        self._file = None
+        self._features = None
+        self._space: RowSpace | None = None
+        self._row_bytes = tokens * hidden * (2 if store_dtype == "float16" else 4)
+        self._hasher = TreeHasher()
+        self._hash_pool = None  # one thread hashing rows while this one writes them
+        self._state = "open"
+        self.expected_rows = expected_rows  # a hint; chunks are allocated as rows come
+        self._create()
+
+    # -- lifecycle
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self._state in ("open", "sealed"):
+            if exc_type is None:
+                log.warning("%s: left without commit(); discarding it", self.partial_path)
+            self.abort()
+        return False
+
+    def _create(self) -> None:
+        import h5py
+
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._raw = GuardedFile(self.partial_path)
+            self._file = h5py.File(self._raw, "w", libver=LIBVER, userblock_size=USERBLOCK)
+            self._features = create_rows_dataset(self._file, "features", self.tokens,
+                                                 self.hidden, STORE_DTYPES[self.store_dtype])
+            self._space = RowSpace(self._features, self._row_bytes)
+        except OSError as err:
+            self._fail(err)
+        self._check_io()
+
+    def _fail(self, err: BaseException) -> None:
+        """Discard the partial file and raise ExtractionError naming the cause."""
+        cause = (self._raw.error if self._raw is not None else None) or err
+        self.abort()
+        raise ExtractionError(os_error_message(cause, self.partial_path)) from err
+
+    def _check_io(self) -> None:
+        """Raise (after cleaning up) if a write under HDF5 failed since the last check."""
+        if self._raw is not None and self._raw.error is not None:
+            self._fail(self._raw.error)
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise StoreError(f"{self.partial_path}: shard writer already {self._state}")
+
+    # -- data
+
+    @property
+    def num_rows(self) -> int:
+        """Rows appended so far."""
+        return self._rows
+
+    def append(self, keys: list[str], features: Any, *, checked: bool = False) -> None:
+        """Append rows: ``keys[i]`` names ``features[i]`` (shape (tokens, hidden)).
+
+        Values are converted to the store dtype; a non-finite value, or one outside the
+        float16 range when storing float16, raises ExtractionError naming the key.
+        ``checked=True`` skips that scan when the caller already checked these very values
+        (features already in the store dtype, e.g. checked on the GPU before the cast).
+        """
+        import numpy as np
+
+        self._check_open()
+        arr = _as_array(features)
+        keys = list(keys)
+        if arr.ndim != 3 or arr.shape[1:] != (self.tokens, self.hidden):
+            raise ConfigError(
+                f"{self.partial_path}: features have shape {tuple(arr.shape)}, expected "
+                f"(batch, {self.tokens}, {self.hidden})"
+            )
+        if len(keys) != arr.shape[0]:
+            raise ConfigError(
+                f"{self.partial_path}: {len(keys)} keys for {arr.shape[0]} feature rows"
+            )
+        for k in keys:
+            if not isinstance(k, str):
+                raise ConfigError(f"{self.partial_path}: key {k!r} is not a str")
+            if k in self._seen:
+                raise ConfigError(f"{self.partial_path}: key {k!r} appended twice")
+        if arr.dtype.kind != "f":
+            raise ConfigError(
+                f"{self.partial_path}: features have dtype {arr.dtype}, expected floats"
+            )
+        b = arr.shape[0]
+        if b == 0:
+            return
+        target = STORE_DTYPES[self.store_dtype]
+        if checked and arr.dtype == np.dtype(target):
+            data = np.ascontiguousarray(arr)
+        else:
+            data = self._convert_checked(arr, keys)
+        try:
+            self._write_rows(data)
+        except OSError as err:
+            self._fail(err)
+        self._check_io()
+        self._rows += b
+        self._keys.extend(keys)
+        self._seen.update(keys)
+
+    def _write_rows(self, data) -> None:
+        """Put ``data`` (b rows, store dtype, C order) after the rows written so far."""
+        start = self._rows
+        runs = self._space.grow(len(data))
+        if not self._space.direct:  # old HDF5: through h5py (and so through GuardedFile)
+            self._features[start:start + len(data)] = data
+            return
+        pieces = [(off, memoryview(data[i:i + n]).cast("B")) for i, off, n in runs]
+        if self._hash_pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._hash_pool = ThreadPoolExecutor(max_workers=1,
+                                                 thread_name_prefix="clipfeat-hash")
+        hashed = self._hash_pool.submit(self._hasher.feed_runs, pieces)
+        try:
+            for off, view in pieces:
+                pwrite_all(self._raw.fileno(), view, off)
+        finally:
+            hashed.result()  # the caller may reuse ``data`` once append returns
+
+    def _convert_checked(self, arr, keys: list[str]):
+        """``arr`` in the store dtype, after checking every value fits (fast path: one
+        min/max pass; on failure find the first bad row to name its key)."""
+        import numpy as np
+        import torch
+
+        target = np.dtype(STORE_DTYPES[self.store_dtype])
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+        lo, hi = (float(v) for v in t.aminmax())
+        if lo >= -self._limit and hi <= self._limit:  # False for NaN
+            if arr.dtype == target:
+                return np.ascontiguousarray(arr)
+            torch_dtype = torch.float16 if self.store_dtype == "float16" else torch.float32
+            return t.to(torch_dtype).numpy().astype(target, copy=False)
+        flat = t.reshape(t.shape[0], -1).double()
+        finite = torch.isfinite(flat).all(dim=1)
+        absmax = flat.abs().nan_to_num(0.0, posinf=0.0).amax(dim=1)
+        for i, key in enumerate(keys):
+            if not bool(finite[i]):
+                raise ExtractionError(
+                    f"non-finite feature values (NaN/Inf) for key {key!r} in "
+                    f"{self.partial_path}: the tower overflowed its compute dtype; rerun "
+                    "with --dtype float32 --store-dtype float32"
+                )
+            if float(absmax[i]) > self._limit:
+                raise ExtractionError(
+                    f"feature value {float(absmax[i]):.6g} for key {key!r} exceeds the "
+                    f"{self.store_dtype} range (max {self._limit:.6g}) in "
+                    f"{self.partial_path}: rerun with --store-dtype float32"
+                )
+        raise ExtractionError(  # pragma: no cover - min/max and the row scan disagree
+            f"feature values out of range in {self.partial_path}: rerun with "
+            "--store-dtype float32"
+        )
+
+    def add_failures(self, records: list[dict]) -> None:
+        """Record inputs of this chunk that could not be used (dicts with at least
+        ``key``, ``path``, ``error``); they are committed with the shard."""
+        self._check_open()
+        for rec in records:
+            if not isinstance(rec, dict) or not all(k in rec for k in ("key", "path", "error")):
+                raise ConfigError(
+                    f"{self.partial_path}: failure record {rec!r} needs 'key', 'path', 'error'"
+                )
+            self._failures.append(dict(rec))
+
+    def seal(self) -> None:
+        """First half of `commit`: write keys, failures and attributes and close the HDF5
+        file. The shard is still a ``.partial``; `commit` finishes it. Splitting the two lets
+        a caller keep appending to the next shard while this one is checksummed and synced.
+        """
+        import h5py
+        import numpy as np
+
+        self._check_open()
+        keys_raw = [key_bytes(k) for k in self._keys]
+        fail_raw = [json_line(r).encode("utf-8") for r in self._failures]
+        str_dt = h5py.string_dtype("utf-8")
+        try:
+            f = self._file
+            self._space.check()
+            keys_arr = np.empty(len(keys_raw), dtype=object)
+            keys_arr[:] = keys_raw
+            f.create_dataset("keys", data=keys_arr, dtype=str_dt, track_times=False)
+            fail_arr = np.empty(len(fail_raw), dtype=object)
+            fail_arr[:] = fail_raw
+            f.create_dataset("failures", data=fail_arr, dtype=str_dt, track_times=False)
+            attrs = dict(self._attrs)
+            attrs.update(
+                shard_id=self.shard_id,
+                num_rows=self._rows,
+                num_failures=len(self._failures),
+                format_version=FORMAT_VERSION,
+                keys_sha256=seq_sha256(keys_raw),
+                failures_sha256=seq_sha256(fail_raw),
+            )
+            for k, v in attrs.items():
+                f.attrs[k] = v
+            f.flush()
+            self._check_io()
+            f.close()
+            self._file = self._features = None
+            self._check_io()
+        except OSError as err:
+            self._fail(err)
+        self._state = "sealed"
+
+    def commit(self) -> ShardInfo:
+        """Write keys, failures and attributes, checksum, fsync, and rename into place."""
+        if self._state == "open":
+            self.seal()
+        if self._state != "sealed":
+            raise StoreError(f"{self.partial_path}: shard writer already {self._state}")
+        try:
+            self._stop_hashing()
+            digest, size = hash_fd(self._raw.fileno(), USERBLOCK, known=self._hasher.digests)
+            self._raw.seek(0)
+            self._raw.write(userblock_bytes(digest, size))
+            self._check_io()
+            self._raw.fsync()
+            self._raw.close()
+            self._raw = None
+            os.replace(self.partial_path, self.final_path)
+        except OSError as err:
+            self._fail(err)
+        self._state = "committed"
+        try:
+            fsync_dir(self.out_dir)
+        except OSError as err:  # the shard itself is complete and synced
+            raise ExtractionError(os_error_message(err, self.out_dir, "syncing")) from err
+        return ShardInfo(
+            shard_id=self.shard_id,
+            file=self.final_path.name,
+            num_rows=self._rows,
+            num_failures=len(self._failures),
+            bytes=size,
+            failures=list(self._failures),
+            checksum=digest,
+        )
+
+    def _stop_hashing(self) -> None:
+        pool, self._hash_pool = self._hash_pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+    def abort(self) -> None:
+        """Close and remove the partial file. Never raises."""
+        if self._state == "committed":
+            return
+        self._state = "aborted"
+        self._stop_hashing()
+        f, self._file, self._features = self._file, None, None
+        raw, self._raw = self._raw, None
+        if raw is not None:
+            raw.discard = True  # nothing more reaches the disk; HDF5 closes cleanly
+        if f is not None:
+            try:
+                f.close()
+            except Exception:  # noqa: BLE001 - abort must not raise
+                pass
+        if raw is not None:
+            try:
+                raw.close()
+            except OSError:
+                pass
+        unlink_quietly(self.partial_path)
+
+
+# --------------------------------------------------------------------------- scanning
+
+
+def read_shard_failures(f) -> list[dict]:
+    """The failure records stored in an open shard (h5py File)."""
+    if "failures" not in f:
+        return []
+    out = []
+    for raw in f["failures"][...]:
+        rec = json.loads(key_str(raw))
+        if not isinstance(rec, dict):
+            raise ValueError(f"failure record is not a JSON object: {rec!r}")
+        out.append(rec)
+    return out
+
+
+def read_shard_info(path: str | os.PathLike) -> ShardInfo:
+    """ShardInfo of one finished shard, failures included. StoreError if unreadable."""
+    path = Path(path)
+    sid = parse_shard_id(path.name)
+    try:
+        with open_shard(path) as f:
+            n = int(f["features"].shape[0])
+            failures = read_shard_failures(f)
+        size = os.stat(path).st_size
+        recorded = shard_checksum(path)
+    except (OSError, KeyError, ValueError, RuntimeError) as err:
+        raise StoreError(
+            f"{path}: cannot read this shard ({str(err).splitlines()[0] if str(err) else err!r}); "
+            "delete it and rerun the same command to redo its chunk"
+        ) from err
+    return ShardInfo(
+        shard_id=sid if sid is not None else -1,
+        file=path.name,
+        num_rows=n,
+        num_failures=len(failures),
+        bytes=size,
+        failures=failures,
+        checksum=recorded[0] if recorded else None,
+    )
+
+
+def scan_shards(out_dir: str | os.PathLike) -> dict[int, ShardInfo]:
+    """Finished shards in ``out_dir`` by id, with row counts and failure records.
+
+    A shard that cannot be opened raises StoreError naming it (delete it to redo it).
+    """
+    return {sid: read_shard_info(p) for sid, p in list_shard_files(out_dir).items()}
