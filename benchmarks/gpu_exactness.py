@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_extract import make_tower  # noqa: E402
+from clipfeat.testing import tower_checkpoint
 
 
 def make_inputs(root: Path, n: int) -> None:
@@ -58,7 +56,7 @@ def main() -> None:  # noqa: C901
     except ImportError:
         from transformers import CLIPImageProcessor as Proc
 
-    ckpt = make_tower(Path(args.cache), args.tower)
+    ckpt = tower_checkpoint(Path(args.cache), args.tower)
     work = Path(tempfile.mkdtemp(prefix="clipfeat-gpu-"))
     make_inputs(work / "imgs", args.images)
     proc = Proc.from_pretrained(ckpt)
