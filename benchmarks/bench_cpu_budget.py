@@ -26,7 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_extract import make_photos, make_tower  # noqa: E402
+from bench_extract import make_photos  # noqa: E402
+
+from clipfeat.testing import tower_checkpoint  # noqa: E402
 
 
 def _ticks(pid: int) -> tuple[float, float, int]:
@@ -67,7 +69,7 @@ def main() -> None:
 
     cache = Path(args.cache)
     photos = [str(p) for p in make_photos(cache / "photos-640x480", args.images)]
-    ckpt = make_tower(cache, "tiny336")
+    ckpt = tower_checkpoint(cache, "tiny336")
     spec = PreprocessSpec.from_processor_config(None, family="clip", image_size=336)
 
     print(f"{len(photos)} photos 640x480 JPEG, tiny336 tower, {os.cpu_count()} CPUs")

@@ -8,7 +8,7 @@ In one run, on the same photos and the same random checkpoint, it times:
              h5py append into one file
   (b) model  the tower alone on ready random tensors (the compute ceiling), in-process
 
-Towers (random weights, saved with save_pretrained, no download):
+Towers (random weights, saved with save_pretrained, no download; clipfeat.testing.TOWERS):
   tiny336  hidden 32, 1 head, 3 blocks, patch 14, 336-px input: preprocessing-bound
   vitb32   ViT-B/32-sized (hidden 768, 12 layers, 224 px): compute-bound on a CPU
   vitl336  ViT-L/14-336 (LLaVA-1.5's tower): for a GPU
@@ -32,14 +32,7 @@ import textwrap
 import time
 from pathlib import Path
 
-TOWERS = {
-    "tiny336": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                    num_attention_heads=1, image_size=336, patch_size=14),
-    "vitb32": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                   num_attention_heads=12, image_size=224, patch_size=32),
-    "vitl336": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                    num_attention_heads=16, image_size=336, patch_size=14),
-}
+from clipfeat.testing import TOWERS, tower_checkpoint
 
 
 def _make_photo(args: tuple[str, int, int, int]) -> None:
@@ -70,30 +63,6 @@ def make_photos(folder: Path, n: int, size: tuple[int, int] = (640, 480)) -> lis
         with get_context("spawn").Pool(os.cpu_count() or 1) as pool:
             pool.map(_make_photo, todo, chunksize=16)
     return paths
-
-
-def make_tower(folder: Path, name: str) -> Path:
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    try:
-        from transformers import CLIPImageProcessorPil as Proc
-    except ImportError:  # transformers 4.x
-        from transformers import CLIPImageProcessor as Proc
-
-    path = folder / f"tower-{name}"
-    if (path / "config.json").exists():
-        saved = json.loads((path / "config.json").read_text())
-        if all(saved.get(k) == v for k, v in TOWERS[name].items()):
-            return path
-        shutil.rmtree(path)
-    import torch
-
-    torch.manual_seed(0)
-    cfg = CLIPVisionConfig(**TOWERS[name])
-    CLIPVisionModel(cfg).save_pretrained(path)
-    s = cfg.image_size
-    Proc(size={"shortest_edge": s}, crop_size={"height": s, "width": s}).save_pretrained(path)
-    return path
 
 
 NAIVE = textwrap.dedent(
@@ -208,7 +177,7 @@ def main() -> None:
 
     cache = Path(args.cache)
     photos = make_photos(cache / "photos-640x480", args.images)
-    ckpt = make_tower(cache, args.tower)
+    ckpt = tower_checkpoint(cache, args.tower)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     work = Path(tempfile.mkdtemp(prefix="clipfeat-bench-"))
     listfile = work / "list.txt"

@@ -25,7 +25,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_extract import make_photos, make_tower  # noqa: E402
+from bench_extract import make_photos  # noqa: E402
+
+from clipfeat.testing import tower_checkpoint  # noqa: E402
 
 
 def _status(pid: int, field: str) -> int:
@@ -95,7 +97,7 @@ def main() -> None:
     args = ap.parse_args()
     cache = Path(args.cache)
     photos = make_photos(cache / "photos-640x480", max(args.images))
-    ckpt = make_tower(cache, args.tower)
+    ckpt = tower_checkpoint(cache, args.tower)
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     print(f"{args.tower} tower, 640x480 JPEGs, shard size {args.shard_size}")
     print(f"{'images':>8s} {'seconds':>8s} {'main peak MiB':>14s} {'tree peak MiB':>14s}")

@@ -1,9 +1,10 @@
 """On a CUDA device: clipfeat's stored features vs LLaVA's path computed with transformers.
 
-LLaVA's path: Image.open(p).convert('RGB') (+ expand2square for pad), the checkpoint's PIL
-image processor, CLIPVisionModel in float16 on the GPU, hidden_states[-2][:, 1:]. The
-reference runs the same batches (same images, same order, same batch size) so the same
-kernels are used, and also one image at a time. Prints the differences; asserts nothing.
+LLaVA's path (tests/llava_reference.py): Image.open(p).convert('RGB') (+ expand2square for
+pad), the checkpoint's PIL image processor, CLIPVisionModel in float16 on the GPU,
+hidden_states[-2][:, 1:]. The reference runs the same batches (same images, same order, same
+batch size) so the same kernels are used, and also one image at a time. Prints the
+differences; asserts nothing.
 
     python benchmarks/gpu_exactness.py --tower vitl336 --images 48 --batch-size 16
 """
@@ -16,8 +17,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_extract import make_tower  # noqa: E402
+from clipfeat.testing import tower_checkpoint
+
+# LLaVA's path and the store reader of the test suite (independent of clipfeat)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def make_inputs(root: Path, n: int) -> None:
@@ -44,27 +47,23 @@ def main() -> None:  # noqa: C901
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "clipfeat-bench"))
     args = ap.parse_args()
 
-    import h5py
     import numpy as np
     import torch
-    from PIL import Image
-    from transformers import CLIPVisionModel
+    from llava_reference import LlavaReference
+    from stores import read_rows
 
     import clipfeat
     from clipfeat.preprocess import Normalizer, PreprocessSpec
 
-    try:
-        from transformers import CLIPImageProcessorPil as Proc
-    except ImportError:
-        from transformers import CLIPImageProcessor as Proc
-
-    ckpt = make_tower(Path(args.cache), args.tower)
+    ckpt = tower_checkpoint(Path(args.cache), args.tower)
     work = Path(tempfile.mkdtemp(prefix="clipfeat-gpu-"))
     make_inputs(work / "imgs", args.images)
-    proc = Proc.from_pretrained(ckpt)
     dev = args.device
     dtype = torch.float16 if dev.startswith("cuda") else torch.float32
-    model = CLIPVisionModel.from_pretrained(ckpt).to(dev, dtype).eval()
+    # transparency hidden from the processor, as transformers 4.x (LLaVA) treats RGB input
+    llava = LlavaReference(ckpt, family="clip", layer=-2, feature="patch", device=dev,
+                           dtype=dtype, hide_transparency=True)
+    proc = llava.processor
 
     spec = PreprocessSpec.from_processor(proc)
     x = torch.randint(0, 256, (4, 3, spec.out_height, spec.out_width), dtype=torch.uint8)
@@ -76,35 +75,11 @@ def main() -> None:  # noqa: C901
         clipfeat.extract(roots=[str(work / "imgs")], out=str(out), model=str(ckpt),
                          device=dev, dtype=str(dtype).split(".")[1], store_dtype="float32",
                          batch_size=args.batch_size, aspect=aspect, workers=4)
-        rows = {}
-        for shard in sorted(out.glob("shard-*.h5")):
-            with h5py.File(shard, "r") as f:
-                for k, v in zip(f["keys"].asstr()[()], f["features"][()]):
-                    rows[k] = v
+        rows = read_rows(out)
         keys = sorted(rows)
-        color = tuple(int(m * 255) for m in proc.image_mean)
-
-        def load(k: str) -> Image.Image:
-            img = Image.open(work / "imgs" / k).convert("RGB")
-            if aspect == "pad":
-                w, h = img.size
-                if w != h:
-                    s = max(w, h)
-                    canvas = Image.new(img.mode, (s, s), color)
-                    canvas.paste(img, ((s - w) // 2, (s - h) // 2))
-                    img = canvas
-            return img
 
         def ref(batch: list[str]) -> np.ndarray:
-            imgs = []
-            for k in batch:
-                im = load(k)
-                im.info.pop("transparency", None)  # as transformers 4.x (LLaVA) treats RGB input
-                imgs.append(im)
-            px = proc.preprocess(imgs, return_tensors="pt")["pixel_values"]
-            with torch.no_grad():
-                hs = model(px.to(dev, dtype), output_hidden_states=True).hidden_states
-            return hs[-2][:, 1:].float().cpu().numpy()
+            return llava.features([work / "imgs" / k for k in batch], aspect=aspect)
 
         equal = 0
         worst = 0.0

@@ -23,14 +23,21 @@ Pillow's builds may fuse multiply-adds in the weights) or ``CLIPFEAT_NATIVE_RESI
 :func:`resize_crop` returns None and the caller resizes with Pillow: same pixels, slower.
 Only bilinear and bicubic (CLIP's and SigLIP's filter) are reproduced; the other filters go to
 Pillow.
+
+For tests and benchmarks: :func:`force_pillow` (Pillow does every resize inside a ``with``
+block), :func:`probing` (the self-check runs again inside a ``with`` block, reading
+``CLIPFEAT_NATIVE_RESIZE`` again, optionally against other pass-order rules) and
+:func:`accelerator` (the C module in use, or None). Each restores the process's state on exit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
 import threading
+from collections.abc import Callable, Iterator, Mapping
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
@@ -38,11 +45,13 @@ if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
     from PIL import Image
 
-__all__ = ["coefficients", "resize_crop", "status"]
+__all__ = ["MAX_SOURCE_PIXELS", "accelerator", "coefficients", "force_pillow", "probing",
+           "resize_crop", "status"]
 
 _BILINEAR, _BICUBIC = 2, 3  # PIL.Image.Resampling codes
 #: Larger sources go to Pillow: the C path works on a copy of the source pixels (3 bytes a
 #: pixel, 75 MB at this size), which per worker should stay small next to the image itself.
+#: Read on every call of :func:`resize_crop` (tests may lower it).
 MAX_SOURCE_PIXELS = 25_000_000
 _SUPPORT = {_BILINEAR: 1.0, _BICUBIC: 2.0}
 _PRECISION = float(1 << 22)  # Pillow's PRECISION_BITS for 8-bit images
@@ -125,7 +134,10 @@ def _horizontal_first_old(w_in: int, h_in: int, w_out: int, h_out: int) -> bool:
     return True
 
 
-_RULES = {"pillow>=13": _horizontal_first_13, "pillow 12.2": _horizontal_first_12_2,
+#: A pass-order rule: (source w, h, resized w, h) -> whether the horizontal pass runs first.
+Rule = Callable[[int, int, int, int], bool]
+
+_RULES: dict[str, Rule] = {"pillow>=13": _horizontal_first_13, "pillow 12.2": _horizontal_first_12_2,
           "pillow<12.2": _horizontal_first_old}
 
 # (source w, h), (resized w, h), kept window (x0, y0, w, h): downscales, upscales, mixed, and
@@ -142,13 +154,14 @@ _PROBES = (
 )
 
 
-def _calibrate(native: Any) -> str | None:
-    """The pass-order rule under which the accelerator reproduces this Pillow, or None."""
+def _calibrate(native: Any, rules: Mapping[str, Rule]) -> str | None:
+    """The name of the pass-order rule in ``rules`` under which the accelerator reproduces
+    this Pillow, or None."""
     import numpy as np
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    candidates = dict(_RULES)
+    candidates = dict(rules)
     for (w, h), size, window in _PROBES:
         img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
         for code in (_BILINEAR, _BICUBIC):
@@ -176,11 +189,43 @@ def _run(native: Any, img: Image.Image, size: tuple[int, int], window: tuple[int
 
 _lock = threading.Lock()
 _state: tuple[Any, Any, str] | None = None  # (module or None, rule or None, description)
+_rules: Mapping[str, Rule] | None = None  # the candidates of the next probe; None: _RULES
 
 
 def status() -> str:
     """How this process resizes: ``"native (...)"``, or ``"pillow (<why>)"``."""
     return _load()[2]
+
+
+def accelerator() -> Any:
+    """The C accelerator module :func:`resize_crop` uses, or None when Pillow resizes."""
+    return _load()[0]
+
+
+@contextlib.contextmanager
+def _swap(state: tuple[Any, Any, str] | None, rules: Mapping[str, Rule] | None) -> Iterator[None]:
+    global _state, _rules
+    with _lock:
+        saved = _state, _rules
+        _state, _rules = state, rules
+    try:
+        yield
+    finally:
+        with _lock:
+            _state, _rules = saved
+
+
+def force_pillow(reason: str = "forced") -> contextlib.AbstractContextManager[None]:
+    """Inside the ``with`` block :func:`resize_crop` returns None (Pillow resizes) and
+    :func:`status` is ``"pillow (<reason>)"``; the previous state is back on exit."""
+    return _swap((None, None, f"pillow ({reason})"), None)
+
+
+def probing(rules: Mapping[str, Rule] | None = None) -> contextlib.AbstractContextManager[None]:
+    """Inside the ``with`` block the accelerator is probed again on first use (reading
+    ``CLIPFEAT_NATIVE_RESIZE`` again), choosing among ``rules`` (name -> pass-order rule)
+    instead of the known Pillow versions' when given; the previous state is back on exit."""
+    return _swap(None, dict(rules) if rules is not None else None)
 
 
 def _load() -> tuple[Any, Any, str]:
@@ -201,13 +246,14 @@ def _probe() -> tuple[Any, Any, str]:
         from clipfeat import _resample as native
     except ImportError:
         return None, None, "pillow (the C accelerator clipfeat._resample is not built)"
+    rules = _RULES if _rules is None else _rules
     try:
-        rule = _calibrate(native)
+        rule = _calibrate(native, rules)
     except Exception as exc:  # pragma: no cover - a broken build must not stop extraction
         return None, None, f"pillow (the C accelerator failed its self-check: {exc})"
     if rule is None:
         return None, None, "pillow (the C accelerator does not reproduce this Pillow's resize)"
-    return native, _RULES[rule], f"native ({rule} pass order)"
+    return native, rules[rule], f"native ({rule} pass order)"
 
 
 def resize_crop(

@@ -603,6 +603,12 @@ class Normalizer:
         if mean is not None:
             out.sub_(mean).div_(std)
 
+    @property
+    def uses_cpu_arithmetic(self) -> bool:
+        """Whether CPU batches are computed with the arithmetic (True) or the lookup table
+        (False): the arithmetic is used only where it reproduces the table exactly."""
+        return self._arith_consts() is not None
+
     def _arith_consts(self) -> tuple[torch.Tensor, ...] | None:
         """The CPU arithmetic's constants if it reproduces the table exactly, else None."""
         import torch

@@ -349,6 +349,13 @@ class _TowerImpl:
         return self.model_ref.num_hidden_layers
 
     @property
+    def num_layers_kept(self) -> int:
+        """Encoder blocks the loaded model holds: :attr:`select_layer_index`, since the blocks
+        past the selected layer are dropped when it loads (counted on the model itself)."""
+        self._require_loaded()
+        return len(self._inner.encoder.layers)
+
+    @property
     def family(self) -> str:
         return self.model_ref.family
 

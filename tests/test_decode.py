@@ -14,16 +14,12 @@ from pathlib import Path
 import imagegen
 import numpy as np
 import pytest
+from llava_reference import LlavaReference, processor_class
 from PIL import Image
 
 from clipfeat.decode import DecodePool, DecodeResult, decode_file, describe_error
 from clipfeat.errors import ConfigError
 from clipfeat.preprocess import PreprocessSpec
-
-try:
-    from transformers import CLIPImageProcessorPil as CLIPProc
-except ImportError:  # transformers 4.x
-    from transformers import CLIPImageProcessor as CLIPProc
 
 pytestmark = pytest.mark.slow  # these start worker processes
 
@@ -32,8 +28,9 @@ SIZE = 30
 
 @pytest.fixture(scope="module")
 def proc():
-    return CLIPProc(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE},
-                    do_rescale=False, do_normalize=False)
+    return processor_class("clip")(size={"shortest_edge": SIZE},
+                                   crop_size={"height": SIZE, "width": SIZE},
+                                   do_rescale=False, do_normalize=False)
 
 
 @pytest.fixture(scope="module")
@@ -42,17 +39,12 @@ def spec(proc) -> PreprocessSpec:
 
 
 def reference_uint8(path: Path, proc, aspect: str = "square") -> np.ndarray:
-    """LLaVA's pixels before rescale/normalise, via the HF PIL processor (no clipfeat)."""
-    img = Image.open(path).convert("RGB")
-    img.info.pop("transparency", None)  # see test_preprocess.reference_pixels
-    if aspect == "pad":
-        w, h = img.size
-        side = max(w, h)
-        canvas = Image.new("RGB", (side, side), (122, 116, 104))
-        canvas.paste(img, ((side - w) // 2, (side - h) // 2))
-        img = canvas
-    out = proc(img, return_tensors="np")["pixel_values"][0]
-    return out.astype(np.uint8)
+    """LLaVA's pixels before rescale/normalise, via the HF PIL processor (no clipfeat): its
+    transparent colour hidden (see llava_reference.LlavaReference), pad onto the CLIP mean
+    (122, 116, 104)."""
+    ref = LlavaReference(processor=proc, hide_transparency=True)
+    assert ref.pad_color == (122, 116, 104)
+    return ref.uint8(path, aspect)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,9 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from llava_reference import LlavaReference
 from PIL import Image
+from stores import read_failures, read_rows
 from typer.testing import CliRunner
 
 import clipfeat
@@ -18,42 +20,6 @@ from clipfeat.cli import app
 from clipfeat.errors import ConfigError, ExtractionError
 
 runner = CliRunner()
-
-
-def _proc_cls(family: str):
-    import transformers
-
-    if family == "clip":
-        return getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
-    return getattr(transformers, "SiglipImageProcessorPil", None) or transformers.SiglipImageProcessor
-
-
-def _expand2square(img: Image.Image, color) -> Image.Image:
-    w, h = img.size
-    if w == h:
-        return img
-    side = max(w, h)
-    canvas = Image.new(img.mode, (side, side), color)
-    canvas.paste(img, ((side - w) // 2, (side - h) // 2))
-    return canvas
-
-
-def reference(ckpt: Path, path: Path, *, layer: int, feature: str, aspect: str, family: str):
-    """LLaVA's path, computed with transformers only: PIL processor + hidden_states[layer]."""
-    from transformers import CLIPVisionModel, SiglipVisionModel
-
-    proc = _proc_cls(family).from_pretrained(ckpt)
-    model_cls = CLIPVisionModel if family == "clip" else SiglipVisionModel
-    model = model_cls.from_pretrained(ckpt).eval()
-    img = Image.open(path).convert("RGB")
-    if aspect == "pad":
-        img = _expand2square(img, tuple(int(x * 255) for x in proc.image_mean))
-    px = proc.preprocess(img, return_tensors="pt")["pixel_values"]
-    with torch.no_grad():
-        hs = model(px, output_hidden_states=True).hidden_states[layer]
-    if feature == "patch" and family == "clip":
-        hs = hs[:, 1:]
-    return hs[0].numpy()
 
 
 def make_images(root: Path) -> dict[str, Path]:
@@ -80,18 +46,6 @@ def make_images(root: Path) -> dict[str, Path]:
     return out
 
 
-def read_store(out: Path) -> dict[str, np.ndarray]:
-    rows = {}
-    for shard in sorted(out.glob("shard-*.h5")):
-        with h5py.File(shard, "r") as f:
-            keys = [k.decode() if isinstance(k, bytes) else k for k in f["keys"][()]]
-            feats = f["features"][()]
-        for k, v in zip(keys, feats):
-            assert k not in rows, f"key {k} stored twice"
-            rows[k] = v
-    return rows
-
-
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> dict[str, Path]:
     return make_images(tmp_path_factory.mktemp("imgs") / "root")
@@ -115,10 +69,13 @@ def test_features_equal_llava_path(request, tmp_path, images, fixture, family, f
         workers=1,
     )
     assert summary.extracted == len(images) and summary.failed == 0 and summary.complete
-    rows = read_store(out)
+    rows = read_rows(out)
     assert sorted(rows) == sorted(images)
+    # LLaVA's path, computed with transformers only: PIL processor + hidden_states[layer]
+    llava = LlavaReference(ckpt, family=family, layer=layer, feature=feature,
+                           hide_transparency=False)
     for key, path in images.items():
-        ref = reference(ckpt, path, layer=layer, feature=feature, aspect=aspect, family=family)
+        ref = llava.features([path], aspect=aspect)[0]
         assert rows[key].shape == ref.shape
         np.testing.assert_allclose(rows[key], ref, rtol=1e-5, atol=1e-5, err_msg=key)
 
@@ -165,8 +122,8 @@ def test_llava_json_keys_exact(tmp_path, images, clip_full_dir):
     s = clipfeat.extract(llava_json=str(js), image_folder=str(root), out=str(out),
                          model=str(clip_full_dir), device="cpu", workers=0)
     assert s.extracted == 2 and s.failed == 1
-    assert set(read_store(out)) == {"sub/b.png", "a.jpg"}
-    fails = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert set(read_rows(out)) == {"sub/b.png", "a.jpg"}
+    fails = read_failures(out)
     assert [f["key"] for f in fails] == ["missing.jpg"]
     assert fails[0]["error"] and fails[0]["path"].endswith("missing.jpg")
 
@@ -182,9 +139,9 @@ def test_bad_files_are_recorded_and_run_completes(tmp_path, clip_full_dir):
     res = runner.invoke(app, ["extract", str(root), "--out", str(out), "--model",
                               str(clip_full_dir), "--device", "cpu", "--quiet"])
     assert res.exit_code == 0, res.output
-    fails = {json.loads(x)["key"] for x in (out / "failures.jsonl").read_text().splitlines()}
+    fails = {f["key"] for f in read_failures(out)}
     assert {"empty.jpg", "text.png"} <= fails
-    rows = read_store(out)
+    rows = read_rows(out)
     assert not (set(rows) & fails)
     assert len(rows) + len(fails) == 10
     res = runner.invoke(app, ["extract", str(root), "--out", str(tmp_path / "o2"), "--model",

@@ -14,12 +14,12 @@ BILINEAR, BICUBIC = Image.Resampling.BILINEAR, Image.Resampling.BICUBIC
 
 
 @pytest.fixture
-def native(monkeypatch):
+def native():
     """The accelerator, calibrated afresh; skipped where it is not built."""
-    monkeypatch.setattr(fastresize, "_state", None)
-    if not fastresize.status().startswith("native"):
-        pytest.skip(fastresize.status())
-    return fastresize._load()[0]
+    with fastresize.probing():
+        if not fastresize.status().startswith("native"):
+            pytest.skip(fastresize.status())
+        yield fastresize.accelerator()
 
 
 def pillow_crop(img: Image.Image, size, window, resample) -> np.ndarray:
@@ -85,7 +85,7 @@ def test_photo_sizes_at_336_equal_pillow(native):
                                       err_msg=f"{w}x{h}")
 
 
-def test_to_uint8_is_the_same_with_and_without_the_accelerator(native, monkeypatch):
+def test_to_uint8_is_the_same_with_and_without_the_accelerator(native):
     rng = np.random.default_rng(11)
     specs = [PreprocessSpec.from_processor_config(None, family="clip", image_size=336),
              PreprocessSpec.from_processor_config(None, family="siglip", image_size=384),
@@ -96,9 +96,10 @@ def test_to_uint8_is_the_same_with_and_without_the_accelerator(native, monkeypat
               for w, h in [(640, 480), (31, 97), (97, 31), (5, 3), (336, 336), (384, 384)]]
     fast = [[to_uint8(im, spec, aspect) for im in images for aspect in ("square", "pad")]
             for spec in specs]
-    monkeypatch.setattr(fastresize, "_state", (None, None, "pillow (test)"))
-    slow = [[to_uint8(im, spec, aspect) for im in images for aspect in ("square", "pad")]
-            for spec in specs]
+    with fastresize.force_pillow("test"):
+        assert fastresize.status() == "pillow (test)"
+        slow = [[to_uint8(im, spec, aspect) for im in images for aspect in ("square", "pad")]
+                for spec in specs]
     for a_list, b_list in zip(fast, slow):
         for a, b in zip(a_list, b_list):
             assert a.shape == b.shape and a.dtype == b.dtype == np.uint8
@@ -124,20 +125,21 @@ def test_large_sources_go_to_pillow(native, monkeypatch):
     np.testing.assert_array_equal(to_uint8(img, spec), expected)
 
 
-def test_a_pillow_it_does_not_reproduce_turns_it_off(native, monkeypatch):
+def test_a_pillow_it_does_not_reproduce_turns_it_off(native):
     """If no pass-order rule reproduces the probes (a future Pillow), Pillow does the work."""
-    monkeypatch.setattr(fastresize, "_RULES", {"never": lambda *a: False})
-    monkeypatch.setattr(fastresize, "_state", None)
-    assert fastresize.status() == (
-        "pillow (the C accelerator does not reproduce this Pillow's resize)")
-    img = Image.fromarray(np.zeros((20, 30, 3), dtype=np.uint8))
-    assert fastresize.resize_crop(img, (15, 10), (0, 0, 15, 10), BICUBIC) is None
+    with fastresize.probing(rules={"never": lambda *a: False}):
+        assert fastresize.status() == (
+            "pillow (the C accelerator does not reproduce this Pillow's resize)")
+        assert fastresize.accelerator() is None
+        img = Image.fromarray(np.zeros((20, 30, 3), dtype=np.uint8))
+        assert fastresize.resize_crop(img, (15, 10), (0, 0, 15, 10), BICUBIC) is None
+    assert fastresize.accelerator() is native  # the previous state is back
 
 
 def test_environment_switch_turns_it_off(monkeypatch):
     monkeypatch.setenv("CLIPFEAT_NATIVE_RESIZE", "0")
-    monkeypatch.setattr(fastresize, "_state", None)
-    assert fastresize.status() == "pillow (CLIPFEAT_NATIVE_RESIZE=0)"
+    with fastresize.probing():
+        assert fastresize.status() == "pillow (CLIPFEAT_NATIVE_RESIZE=0)"
 
 
 def test_the_c_function_checks_its_arguments(native):

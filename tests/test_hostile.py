@@ -22,7 +22,9 @@ from typing import Any
 import imagegen
 import numpy as np
 import pytest
+from llava_reference import LlavaReference
 from PIL import Image
+from stores import read_failures, read_rows
 
 import clipfeat
 
@@ -46,63 +48,24 @@ def _hang_guard():
     faulthandler.cancel_dump_traceback_later()
 
 
-class LlavaReference:
-    """LLaVA's features, from transformers only: PIL processor + hidden_states[-2][:, 1:]."""
-
-    def __init__(self, ckpt: Path, layer: int = -2) -> None:
-        import transformers
-        from transformers import CLIPVisionModel
-
-        proc_cls = getattr(transformers, "CLIPImageProcessorPil", None)
-        self.proc = (proc_cls or transformers.CLIPImageProcessor).from_pretrained(ckpt)
-        self.model = CLIPVisionModel.from_pretrained(ckpt).eval()
-        self.layer = layer
-
-    def __call__(self, images: list[Image.Image]) -> np.ndarray:
-        import torch
-
-        prepared = []
-        for img in images:
-            img = img.convert("RGB") if img.mode != "RGB" else img
-            # Pillow keeps a transparent colour in info after convert('RGB'); transformers 5
-            # would paint it (4.x, which LLaVA used, does not): hide it, as test_preprocess.
-            img.info.pop("transparency", None)
-            prepared.append(img)
-        px = self.proc(prepared, return_tensors="pt")["pixel_values"]
-        with torch.no_grad():
-            hs = self.model(px, output_hidden_states=True).hidden_states[self.layer]
-        return hs[:, 1:].numpy()
-
-    def of_files(self, paths: list[Any]) -> np.ndarray:
-        """LLaVA's own loading: Image.open(p).convert('RGB') (no EXIF transpose, frame 0)."""
-        images = []
-        for p in paths:
-            with Image.open(p) as im:
-                images.append(im.convert("RGB"))
-        return self(images)
-
-
 @pytest.fixture(scope="module")
 def llava(clip_full_dir) -> LlavaReference:
-    return LlavaReference(clip_full_dir)
+    """LLaVA's features, from transformers only: PIL processor + hidden_states[-2][:, 1:].
+
+    Images are converted to RGB unless they are, and their transparent colour is hidden from
+    the processor (transformers 5 would paint it; 4.x, which LLaVA used, does not): see
+    llava_reference.LlavaReference. Paths are opened LLaVA's way, Image.open(p).convert('RGB')
+    (no EXIF transpose, frame 0).
+    """
+    return LlavaReference(clip_full_dir, family="clip", layer=-2, feature="patch",
+                          hide_transparency=True)
 
 
 def read_out(out: Path) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
     """(key -> stored row, key -> failure record); fails on any key stored twice."""
-    import h5py
-
-    rows: dict[str, np.ndarray] = {}
-    for shard in sorted(out.glob("shard-*.h5")):
-        with h5py.File(shard, "r") as f:
-            keys = list(f["keys"].asstr()[()])
-            feats = f["features"][()]
-        for k, v in zip(keys, feats):
-            assert k not in rows, f"key {k!r} stored twice"
-            rows[k] = v
+    rows = read_rows(out)
     fails: dict[str, dict] = {}
-    text = (out / "failures.jsonl").read_text(encoding="utf-8")
-    for line in text.splitlines():
-        rec = json.loads(line)
+    for rec in read_failures(out):
         assert rec["key"] not in fails, f"key {rec['key']!r} listed twice in failures.jsonl"
         assert rec["error"] and isinstance(rec["error"], str) and "\n" not in rec["error"]
         assert "path" in rec
@@ -400,7 +363,7 @@ def test_hostile_tree_end_to_end(tmp_path, clip_full_dir, llava, monkeypatch):
     # Everything stored equals LLaVA's path, computed independently.
     keys = sorted(rows)
     paths = [raw_paths.get(k, os.fsencode(root / k)) for k in keys]
-    ref = llava.of_files(paths)
+    ref = llava.features(paths)
     for key, expected in zip(keys, ref):
         np.testing.assert_allclose(rows[key], expected, rtol=1e-5, atol=1e-5, err_msg=key)
 
@@ -427,7 +390,7 @@ def test_max_pixels_refuses_from_the_header(tmp_path, clip_full_dir, llava):
     assert "--max-pixels 2000" in fails["over.png"]["error"]
     assert "60x60" in fails["over.png"]["error"]
     assert all("decompression bomb" in f["error"] for f in fails.values())
-    np.testing.assert_allclose(rows["small.png"], llava.of_files([root / "small.png"])[0],
+    np.testing.assert_allclose(rows["small.png"], llava.features([root / "small.png"])[0],
                                rtol=1e-5, atol=1e-5)
 
 
@@ -474,7 +437,7 @@ def test_files_changed_between_walk_and_read(tmp_path, clip_full_dir, llava, mon
     assert "not a regular file" in fails["to_dir.jpg"]["error"]
     assert "not a regular file" in fails["to_link.png"]["error"]
     # What is read is what is stored: the replacement's pixels, not the walked file's.
-    ref = llava.of_files([root / "replaced.png", root / "stable.png"])
+    ref = llava.features([root / "replaced.png", root / "stable.png"])
     np.testing.assert_allclose(rows["replaced.png"], ref[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(rows["stable.png"], ref[1], rtol=1e-5, atol=1e-5)
 
@@ -509,7 +472,7 @@ def test_misbehaving_decoder_never_stalls_the_run(tmp_path, clip_full_dir, llava
     assert stats["timeouts"] == 1 and stats["crashes"] >= 2
     assert stats["recovered"] >= 1 and stats["retries"] >= 1
     keys = sorted(rows)
-    ref = llava.of_files([root / k for k in keys])
+    ref = llava.features([root / k for k in keys])
     for key, expected in zip(keys, ref):
         np.testing.assert_allclose(rows[key], expected, rtol=1e-5, atol=1e-5, err_msg=key)
 
@@ -545,7 +508,7 @@ def test_llava_json_keys_exact_and_escapes_refused(tmp_path, clip_full_dir, llav
     assert set(fails) == escaping | {"ok/missing.png"}
     for key in escaping:
         assert "outside" in fails[key]["error"], fails[key]
-    ref = llava.of_files([folder / "ok/rgb.jpg", folder / "ok/名前 1.png"])
+    ref = llava.features([folder / "ok/rgb.jpg", folder / "ok/名前 1.png"])
     np.testing.assert_allclose(rows["./ok/rgb.jpg"], ref[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(rows["ok//名前 1.png"], ref[1], rtol=1e-5, atol=1e-5)
 
@@ -648,7 +611,7 @@ def test_pickle_weights_refused_unless_allowed(tmp_path, pickle_dirs, llava):
     # An explicit --allow-pickle loads legit pickle weights, with the same features.
     s = run(root, tmp_path / "out-legit-ok", dirs["legit"], workers=0, allow_pickle=True)
     rows, _ = read_out(tmp_path / "out-legit-ok")
-    np.testing.assert_allclose(rows["a.png"], llava.of_files([root / "a.png"])[0],
+    np.testing.assert_allclose(rows["a.png"], llava.features([root / "a.png"])[0],
                                rtol=1e-5, atol=1e-5)
     # Even with --allow-pickle, a pickle that runs code is not executed.
     with pytest.raises(ModelError):
@@ -727,6 +690,6 @@ def test_fuzzed_images(tmp_path, clip_full_dir, llava):
             keys.append(key)
         elif not any(r in fails[key]["error"] for r in REFUSALS):
             assert status == "error", (key, fails[key]["error"])
-    ref = llava(imgs)
+    ref = llava.features(imgs)
     for key, expected in zip(keys, ref):
         np.testing.assert_allclose(rows[key], expected, rtol=1e-5, atol=1e-5, err_msg=key)

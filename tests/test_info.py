@@ -9,6 +9,7 @@ import sys
 import types
 
 import pytest
+from llava_reference import processor_class
 from typer.testing import CliRunner
 
 from clipfeat import info
@@ -19,11 +20,7 @@ VITL_PATCH_BYTES = 576 * 1024 * 2
 
 
 def _processor(path):
-    try:
-        from transformers import CLIPImageProcessorPil as Proc
-    except ImportError:
-        from transformers import CLIPImageProcessor as Proc
-    return Proc.from_pretrained(path)
+    return processor_class("clip").from_pretrained(path)
 
 
 def test_describe_vitl336(config_only_vitl336):

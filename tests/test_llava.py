@@ -6,13 +6,13 @@ import json
 import pickle
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import torch
+from stores import Shard, build_store, read_rows
 
 from clipfeat.errors import StoreError
-from clipfeat.store import FeatureStore, ShardWriter, finalize
+from clipfeat.store import FeatureStore
 
 TOKENS, HIDDEN = 4, 8  # 28 px / 14 px patches -> 2 x 2 grid
 
@@ -25,24 +25,10 @@ def make_store(out: Path, *, store_dtype="float16", feature="patch", tokens=TOKE
     keys = ["coco/train2017/000000000009.jpg", "gqa/images/2354786.jpg", "ocr_vqa/images/1.jpg",
             "textvqa/train_images/0a1b.jpg", "vg/VG_100K/10.jpg"]
     rng = np.random.default_rng(0)
-    infos = []
-    for sid, ks in enumerate([keys[:3], keys[3:]]):
-        with ShardWriter(out, sid, tokens=tokens, hidden=HIDDEN, store_dtype=store_dtype,
-                         attrs=meta) as w:
-            w.append(ks, rng.standard_normal((len(ks), tokens, HIDDEN)).astype(np.float32))
-            infos.append(w.commit())
-    finalize(out, meta=meta, plan={}, shards=infos, complete=True)
+    build_store(out, [Shard(ks, rng.standard_normal((len(ks), tokens, HIDDEN)).astype(np.float32))
+                      for ks in (keys[:3], keys[3:])],
+                meta=meta, plan={}, store_dtype=store_dtype)
     return keys
-
-
-def rows_from_disk(out: Path) -> dict[str, np.ndarray]:
-    """The stored rows read with plain h5py (independent of FeatureStore)."""
-    rows = {}
-    for path in sorted(out.glob("shard-*.h5")):
-        with h5py.File(path, "r") as f:
-            for k, x in zip(f["keys"].asstr()[...], f["features"][...]):
-                rows[k] = x
-    return rows
 
 
 @pytest.fixture
@@ -73,7 +59,7 @@ def test_tower_properties(store_dir):
 def test_tower_forward_batch_and_list(store_dir):
     from clipfeat.llava import PrecomputedVisionTower
 
-    rows = rows_from_disk(store_dir)
+    rows = read_rows(store_dir)
     keys = list(rows)
     tower = PrecomputedVisionTower(FeatureStore(store_dir))
     batch = torch.from_numpy(np.stack([rows[k] for k in keys[:3]]))
@@ -92,7 +78,7 @@ def test_tower_forward_batch_and_list(store_dir):
 def test_tower_follows_to_dtype(store_dir):
     from clipfeat.llava import PrecomputedVisionTower
 
-    rows = rows_from_disk(store_dir)
+    rows = read_rows(store_dir)
     key = next(iter(rows))
     tower = PrecomputedVisionTower(store_dir).to(torch.float32)
     assert tower.dtype == torch.float32
@@ -186,7 +172,7 @@ def test_dataset_yields_features(tmp_path, form):
 
     out = tmp_path / "out"
     keys = make_store(out)
-    rows = rows_from_disk(out)
+    rows = read_rows(out)
     samples = llava_samples(keys)
     if form == "json":
         data = tmp_path / "llava.json"
@@ -226,7 +212,7 @@ def test_dataset_in_dataloader_workers(tmp_path):
 
     out = tmp_path / "out"
     keys = make_store(out)
-    rows = rows_from_disk(out)
+    rows = read_rows(out)
     samples = [{"id": str(i), "image": k} for i, k in enumerate(keys)] * 2
     ds = LlavaFeatureDataset(samples, out)
     loader = torch.utils.data.DataLoader(

@@ -11,6 +11,8 @@ import imagegen
 import numpy as np
 import pytest
 import torch
+from llava_reference import LlavaReference, processor_class
+from llava_reference import expand2square as llava_expand2square
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from clipfeat.errors import ConfigError
@@ -23,42 +25,22 @@ from clipfeat.preprocess import (
     to_uint8,
 )
 
-try:  # transformers 5: name the PIL backend explicitly
-    from transformers import CLIPImageProcessorPil as CLIPProc
-    from transformers import SiglipImageProcessorPil as SiglipProc
-except ImportError:  # transformers 4.x: the default processors are the PIL ones
-    from transformers import CLIPImageProcessor as CLIPProc
-    from transformers import SiglipImageProcessor as SiglipProc
+# transformers' PIL image processors (the *Pil classes on transformers 5, the default ones on 4.x)
+CLIPProc = processor_class("clip")
+SiglipProc = processor_class("siglip")
 
 
 # --------------------------------------------------------------------------------------------
-# The reference, computed independently of clipfeat
-
-
-def llava_expand2square(img: Image.Image, color: tuple[int, ...]) -> Image.Image:
-    """LLaVA's expand2square, restated for the test."""
-    w, h = img.size
-    if w == h:
-        return img
-    if w > h:
-        out = Image.new(img.mode, (w, w), color)
-        out.paste(img, (0, (w - h) // 2))
-    else:
-        out = Image.new(img.mode, (h, h), color)
-        out.paste(img, ((h - w) // 2, 0))
-    return out
+# The reference, computed independently of clipfeat (llava_reference)
 
 
 def reference_pixels(src, proc, aspect: str) -> torch.Tensor:
-    """What LLaVA feeds the tower: open().convert('RGB') [-> expand2square] -> processor."""
-    img = src if isinstance(src, Image.Image) else Image.open(src).convert("RGB")
-    # Pillow keeps a palette/RGB image's transparent colour in info["transparency"] after
-    # convert('RGB'); transformers 5 (not 4.x, which LLaVA used) would then paint those
-    # pixels white. LLaVA's reference is "alpha dropped", so hide it from the processor.
-    img.info.pop("transparency", None)
-    if aspect == "pad":
-        img = llava_expand2square(img, tuple(int(x * 255) for x in proc.image_mean))
-    return proc(img, return_tensors="pt")["pixel_values"][0]
+    """What LLaVA feeds the tower: open().convert('RGB') [-> expand2square] -> processor.
+
+    Pillow keeps a palette/RGB image's transparent colour in info["transparency"] after
+    convert('RGB'); transformers 5 (not 4.x, which LLaVA used) would then paint those pixels
+    white. LLaVA's reference is "alpha dropped", so it is hidden from the processor."""
+    return LlavaReference(processor=proc, hide_transparency=True).pixels(src, aspect)
 
 
 def ours(path_or_img, spec: PreprocessSpec, aspect: str, **load_kw) -> torch.Tensor:
@@ -142,17 +124,18 @@ ALL_FILES = [f[0] for f in FILES] + ["anim.gif", "anim.webp", "anim.png", "pages
 
 
 @pytest.fixture(params=["native", "pillow"])
-def resize_path(request, monkeypatch):
+def resize_path(request):
     """Run a test with clipfeat's C resize (when built) and with Pillow's."""
     from clipfeat import fastresize
 
     if request.param == "pillow":
-        monkeypatch.setattr(fastresize, "_state", (None, None, "pillow (test)"))
-    else:
-        monkeypatch.setattr(fastresize, "_state", None)
+        with fastresize.force_pillow("test"):
+            yield request.param
+        return
+    with fastresize.probing():
         if not fastresize.status().startswith("native"):
             pytest.skip(fastresize.status())
-    return request.param
+        yield request.param
 
 
 @pytest.mark.parametrize("name", ALL_FILES)
@@ -420,7 +403,7 @@ def test_normalizer_cpu_paths_match_the_processor(rescale, arithmetic):
     factor that is not 1/n falls back to the lookup table. Both equal the HF processor."""
     proc = CLIPProc(size={"height": 16, "width": 16}, crop_size=16, rescale_factor=rescale)
     norm = Normalizer(PreprocessSpec.from_processor(proc))
-    assert (norm._arith_consts() is not None) is arithmetic
+    assert norm.uses_cpu_arithmetic is arithmetic
     rng = np.random.default_rng(1)
     a = np.stack([rng.permutation(256).reshape(16, 16) for _ in range(3)], -1).astype(np.uint8)
     ref = proc(Image.fromarray(a), return_tensors="pt")["pixel_values"].float()

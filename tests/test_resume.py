@@ -27,6 +27,8 @@ from typing import Any, Callable
 import h5py
 import numpy as np
 import pytest
+from llava_reference import LlavaReference
+from stores import read_failures, read_shards, shard_files
 from typer.testing import CliRunner
 
 import clipfeat
@@ -200,10 +202,6 @@ def wait_until(cond: Callable[[], bool], proc: Proc, timeout: float = PROC_TIMEO
     raise AssertionError(f"timed out waiting; stderr:\n{proc.stderr[-3000:]}")
 
 
-def shard_files(out: Path) -> list[str]:
-    return sorted(p.name for p in out.glob("shard-*.h5"))
-
-
 def file_state(path: Path) -> tuple[str, int, int, int]:
     """(sha256 of the bytes, inode, mtime_ns, size): any rewrite changes one of them."""
     st = path.stat()
@@ -225,23 +223,6 @@ def assert_shards_sound(out: Path, context: str = "") -> None:
             assert f["keys"].shape[0] == f["features"].shape[0] == info.num_rows, (context, name)
 
 
-def read_shards(out: Path) -> dict[str, tuple[list[str], np.ndarray, list[dict]]]:
-    """shard file -> (keys in row order, features, failure records)."""
-    shards = {}
-    for name in shard_files(out):
-        with h5py.File(out / name, "r") as f:
-            keys = list(f["keys"].asstr()[()])
-            feats = f["features"][()]
-            fails = [json.loads(x) for x in f["failures"].asstr()[()]]
-        shards[name] = (keys, feats, fails)
-    return shards
-
-
-def failure_lines(out: Path) -> list[dict]:
-    path = out / "failures.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-
-
 def assert_same_store(out: Path, ref: Path, context: str = "") -> None:
     """Same shard files, same keys in the same rows, bit-identical features, same failures."""
     got, want = read_shards(out), read_shards(ref)
@@ -253,7 +234,7 @@ def assert_same_store(out: Path, ref: Path, context: str = "") -> None:
         # float32 CPU compute is batch-invariant here, so rows are equal to the bit
         np.testing.assert_array_equal(gf, wf, err_msg=f"{context}: {name}")
         assert gfail == wfail, f"{context}: {name} failure records differ"
-    assert failure_lines(out) == failure_lines(ref), context
+    assert read_failures(out) == read_failures(ref), context
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["complete"] is True, context
     assert manifest["num_images"] == sum(len(v[0]) for v in want.values()), context
@@ -264,22 +245,6 @@ def all_keys(out: Path) -> list[str]:
     shards = read_shards(out).values()
     return [k for keys, _, _ in shards for k in keys] + [
         f["key"] for _, _, fails in shards for f in fails]
-
-
-def transformers_reference(ckpt: Path, path: Path, layer: int = -2) -> np.ndarray:
-    """LLaVA's features of one image computed with transformers alone (PIL processor)."""
-    import torch
-    import transformers
-    from PIL import Image
-
-    proc_cls = (getattr(transformers, "CLIPImageProcessorPil", None)
-                or transformers.CLIPImageProcessor)
-    proc = proc_cls.from_pretrained(ckpt)
-    model = transformers.CLIPVisionModel.from_pretrained(ckpt).eval()
-    px = proc.preprocess(Image.open(path).convert("RGB"), return_tensors="pt")["pixel_values"]
-    with torch.no_grad():
-        hs = model(px, output_hidden_states=True).hidden_states[layer]
-    return hs[0, 1:].numpy()
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -361,11 +326,12 @@ def test_added_files_become_new_chunks_and_gone_files_fail(tmp_path, clip_full_d
     assert k2 == [keys[9]]
     assert [(f["key"], f["error"]) for f in f2] == [(gone_unfinished, "file not found")]
     assert shards[shard_name(3)][0] == sorted(added)
-    assert [f["key"] for f in failure_lines(out)] == [gone_unfinished]
+    assert [f["key"] for f in read_failures(out)] == [gone_unfinished]
+    # LLaVA's features of the new images, computed with transformers alone (PIL processor)
+    llava = LlavaReference(clip_full_dir, layer=-2, feature="patch", hide_transparency=False)
     for rel in added:
         i = shards[shard_name(3)][0].index(rel)
-        np.testing.assert_allclose(shards[shard_name(3)][1][i],
-                                   transformers_reference(clip_full_dir, root / rel),
+        np.testing.assert_allclose(shards[shard_name(3)][1][i], llava.features([root / rel])[0],
                                    rtol=1e-5, atol=1e-5, err_msg=rel)
 
 

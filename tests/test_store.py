@@ -17,6 +17,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from stores import Shard, build_store
 
 from clipfeat import store as store_mod
 from clipfeat.errors import ConfigError, ExtractionError, StoreError
@@ -54,32 +55,26 @@ def make_store(out: Path, *, store_dtype: str = "float16", rows=(5, 0, 3), seed:
     Returns (expected {key: array in store dtype}, failure records in order)."""
     rng = np.random.default_rng(seed)
     meta = meta_for(store_dtype)
-    attrs = {k: v for k, v in meta.items()}
     expected: dict[str, np.ndarray] = {}
     failures: list[dict] = []
-    infos = []
+    shards = []
     counter = 0
     for sid, n in enumerate(rows):
-        with ShardWriter(out, sid, tokens=TOKENS, hidden=HIDDEN, store_dtype=store_dtype,
-                         attrs=attrs, expected_rows=n + 1) as w:
-            for start in range(0, n, 2):
-                b = min(2, n - start)
-                if keys is None:
-                    ks = [f"dir{sid}/img_{counter + i:03d}.jpg" for i in range(b)]
-                else:
-                    ks = keys[counter:counter + b]
-                counter += b
-                x = (rng.standard_normal((b, TOKENS, HIDDEN)) * 10).astype(np.float32)
-                w.append(ks, x)
-                expected.update(zip(ks, x.astype(store_dtype)))
-            recs = [{"key": f"bad{sid}_{j}.jpg", "path": f"/data/bad{sid}_{j}.jpg",
-                     "error": f"cannot identify image file '/data/bad{sid}_{j}.jpg'"}
-                    for j in range(1 if n else 2)]
-            w.add_failures(recs)
-            failures.extend(recs)
-            infos.append(w.commit())
-    finalize(out, meta=meta, plan={"num_items": sum(rows) + len(failures), "num_chunks": len(rows)},
-             shards=infos, complete=complete)
+        if keys is None:
+            ks = [f"dir{sid}/img_{counter + i:03d}.jpg" for i in range(n)]
+        else:
+            ks = keys[counter:counter + n]
+        counter += n
+        x = (rng.standard_normal((n, TOKENS, HIDDEN)) * 10).astype(np.float32)
+        expected.update(zip(ks, x.astype(store_dtype)))
+        recs = [{"key": f"bad{sid}_{j}.jpg", "path": f"/data/bad{sid}_{j}.jpg",
+                 "error": f"cannot identify image file '/data/bad{sid}_{j}.jpg'"}
+                for j in range(1 if n else 2)]
+        failures.extend(recs)
+        shards.append(Shard(ks, x, failures=recs, expected_rows=n + 1))
+    # rows appended two at a time, as the pipeline appends batches
+    build_store(out, shards, meta=meta, store_dtype=store_dtype, batch=2, complete=complete,
+                plan={"num_items": sum(rows) + len(failures), "num_chunks": len(rows)})
     return expected, failures
 
 

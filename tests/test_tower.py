@@ -8,11 +8,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from llava_reference import LlavaReference
 
 from clipfeat.errors import ConfigError, ModelError
 from clipfeat.tower import CLIPVisionTower, build_vision_tower
 
-L = 3  # TINY_VISION num_hidden_layers in conftest
+L = 3  # TINY_VISION num_hidden_layers (clipfeat.testing)
 ALL_LAYERS = list(range(-(L + 1), L + 1))
 CASES = (
     [("clip_full_dir", f) for f in ("patch", "cls_patch")]
@@ -29,20 +30,11 @@ def _args(layer: int = -2, feature: str | None = "patch") -> SimpleNamespace:
 
 def _reference(path: Path):
     """transformers' own vision model and its hidden_states for a fixed batch (independent)."""
-    import json
-
-    from transformers import CLIPVisionModel, SiglipVisionModel
-
-    family = "siglip" if "siglip" in json.loads((path / "config.json").read_text())[
-        "model_type"] else "clip"
-    cls = SiglipVisionModel if family == "siglip" else CLIPVisionModel
-    model = cls.from_pretrained(path).eval()
-    size = model.config.image_size
+    llava = LlavaReference(path)
+    size = llava.model.config.image_size
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(3, 3, size, size, generator=gen)
-    with torch.no_grad():
-        hidden = model(x, output_hidden_states=True).hidden_states
-    return family, model, x, hidden
+    return llava.family, llava.model, x, llava.hidden_states(x)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +66,7 @@ def test_every_layer_matches_transformers_hidden_states(request, reference, fixt
         k = layer if layer >= 0 else L + 1 + layer
         assert tower.select_layer_index == k
         assert tower.select_layer == layer
-        assert len(tower._inner.encoder.layers) == k
+        assert tower.num_layers_kept == k
         assert tower.num_tokens == got.shape[1]
 
 
@@ -157,7 +149,7 @@ def test_forward_features_keeps_dtype_and_selects(clip_full_dir, reference):
     tower = CLIPVisionTower(str(clip_full_dir), _args(0, "cls_patch"))
     out = tower.forward_features(x)
     assert torch.equal(out, hidden[0])  # layer 0: embeddings after pre_layrnorm, no block run
-    assert len(tower._inner.encoder.layers) == 0
+    assert tower.num_layers_kept == 0
 
 
 def test_no_grad_anywhere(clip_vision_dir, reference):

@@ -10,8 +10,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from stores import Shard, build_store, write_shard
 
-from clipfeat.store import ShardWriter, finalize
 from clipfeat.verify import VerifyReport, verify_store
 
 TOKENS, HIDDEN = 6, 16
@@ -30,22 +30,19 @@ def make_store(out: Path, *, rows=(4, 3, 5), store_dtype="float16", compute_dtyp
     rng = np.random.default_rng(1)
     meta = meta_for(store_dtype, compute_dtype)
     expected = {}
-    infos = []
+    shards = []
     plan_items = []
     for sid, n in enumerate(rows):
         keys = key_lists[sid] if key_lists else [f"s{sid}/{i}.jpg" for i in range(n)]
-        attrs = dict(meta, **((attrs_override or {}).get(sid, {})))
         x = rng.standard_normal((n, TOKENS, HIDDEN)).astype(np.float32) * 3
-        with ShardWriter(out, sid, tokens=TOKENS, hidden=HIDDEN, store_dtype=store_dtype,
-                         attrs=attrs) as w:
-            w.append(keys, x)
-            w.add_failures([{"key": f"bad{sid}", "path": f"/img/bad{sid}.jpg",
-                             "error": "cannot identify image file"}])
-            infos.append(w.commit())
+        shards.append(Shard(keys, x, attrs=dict(meta, **((attrs_override or {}).get(sid, {}))),
+                            failures=[{"key": f"bad{sid}", "path": f"/img/bad{sid}.jpg",
+                                       "error": "cannot identify image file"}]))
         stored = x.astype(store_dtype).astype(np.float32)
         expected.update(zip(keys, stored))
         plan_items += [{"key": k, "path": f"/img/{k}"} for k in keys]
-    finalize(out, meta=meta, plan={"num_chunks": len(rows)}, shards=infos, complete=complete)
+    build_store(out, shards, meta=meta, plan={"num_chunks": len(rows)}, store_dtype=store_dtype,
+                complete=complete)
     if write_plan:
         (out / ".clipfeat").mkdir(exist_ok=True)
         lines = [json.dumps({"version": 1, "shard_size": 5})]
@@ -200,10 +197,8 @@ def test_manifest_lists_missing_shard(tmp_path):
 
 def test_stray_shard_not_in_manifest(tmp_path):
     make_store(tmp_path)
-    with ShardWriter(tmp_path, 7, tokens=TOKENS, hidden=HIDDEN, store_dtype="float16",
-                     attrs=meta_for()) as w:
-        w.append(["z.jpg"], np.zeros((1, TOKENS, HIDDEN), np.float32))
-        w.commit()
+    write_shard(tmp_path, 7, Shard(["z.jpg"], np.zeros((1, TOKENS, HIDDEN), np.float32)),
+                attrs=meta_for())
     report = verify_store(tmp_path)
     assert not report.ok
     assert any("shard-000007.h5" in p and "not listed" in p for p in report.problems)
@@ -211,10 +206,8 @@ def test_stray_shard_not_in_manifest(tmp_path):
 
 def test_stray_shard_of_unfinished_run_is_a_note(tmp_path):
     make_store(tmp_path, complete=False)
-    with ShardWriter(tmp_path, 3, tokens=TOKENS, hidden=HIDDEN, store_dtype="float16",
-                     attrs=meta_for()) as w:
-        w.append(["z.jpg"], np.zeros((1, TOKENS, HIDDEN), np.float32))
-        w.commit()
+    write_shard(tmp_path, 3, Shard(["z.jpg"], np.zeros((1, TOKENS, HIDDEN), np.float32)),
+                attrs=meta_for())
     report = verify_store(tmp_path)
     assert report.ok, report.format()
     assert any("shard-000003.h5" in n for n in report.notes)
