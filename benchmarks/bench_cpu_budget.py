@@ -109,9 +109,9 @@ def main() -> None:
         wall = time.perf_counter() - t
         w1 = [_ticks(p) for p in pids]
         m1 = _ticks(os.getpid())
-    wu = sum(b[0] - a[0] for a, b in zip(w0, w1))
-    ws = sum(b[1] - a[1] for a, b in zip(w0, w1))
-    wf = sum(b[2] - a[2] for a, b in zip(w0, w1))
+    wu = sum(b[0] - a[0] for a, b in zip(w0, w1, strict=False))
+    ws = sum(b[1] - a[1] for a, b in zip(w0, w1, strict=False))
+    wf = sum(b[2] - a[2] for a, b in zip(w0, w1, strict=False))
     print(f"pool, {args.workers} workers: {wall:.2f} s for {n} images ({n / wall:.0f} img/s); "
           "per image:")
     print(f"  workers  user {wu / n * 1000:5.2f} ms  system {ws / n * 1000:5.2f} ms  "

@@ -54,11 +54,11 @@ def main() -> None:
         rh, rw = spec.resized_size(h, w)
         x0, y0 = (rw - s) // 2, (rh - s) // 2
 
-        def pillow() -> np.ndarray:
+        def pillow(img=img, rw=rw, rh=rh, x0=x0, y0=y0) -> np.ndarray:
             out = img.resize((rw, rh), Image.BICUBIC).crop((x0, y0, x0 + s, y0 + s))
             return np.ascontiguousarray(np.asarray(out).transpose(2, 0, 1))
 
-        def ours() -> np.ndarray | None:
+        def ours(img=img, rw=rw, rh=rh, x0=x0, y0=y0) -> np.ndarray | None:
             return fastresize.resize_crop(img, (rw, rh), (x0, y0, s, s), Image.BICUBIC)
 
         got = ours()

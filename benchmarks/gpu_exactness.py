@@ -78,7 +78,7 @@ def main() -> None:  # noqa: C901
         rows = read_rows(out)
         keys = sorted(rows)
 
-        def ref(batch: list[str]) -> np.ndarray:
+        def ref(batch: list[str], aspect: str = aspect) -> np.ndarray:
             return llava.features([work / "imgs" / k for k in batch], aspect=aspect)
 
         equal = 0
@@ -86,7 +86,7 @@ def main() -> None:  # noqa: C901
         for i in range(0, len(keys), args.batch_size):
             batch = keys[i:i + args.batch_size]
             r = ref(batch)
-            for k, v in zip(batch, r):
+            for k, v in zip(batch, r, strict=False):
                 equal += int(np.array_equal(rows[k], v))
                 worst = max(worst, float(np.abs(rows[k] - v).max()))
         single = max(float(np.abs(rows[k] - ref([k])[0]).max()) for k in keys[:8])

@@ -224,7 +224,7 @@ def extract(
             "Resume by running the same command again.",
             err=True,
         )
-        raise typer.Exit(err.exit_code)
+        raise typer.Exit(err.exit_code) from None
     except ClipfeatError as err:
         bar.close()
         _fail(err)

@@ -11,11 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
-from clipfeat import distributed
-from clipfeat.cli import app
-from clipfeat.store import parse_shard_id
 from test_resume import (
     Proc,
     assert_no_orphans,
@@ -30,6 +25,11 @@ from test_resume import (
     shard_states,
     wait_until,
 )
+from typer.testing import CliRunner
+
+from clipfeat import distributed
+from clipfeat.cli import app
+from clipfeat.store import parse_shard_id
 
 SHARD_SIZE = 2  # many small shards: many commit points for the kills to land between
 N_INPUTS = 81  # 41 chunks

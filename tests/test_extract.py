@@ -272,15 +272,6 @@ def test_thread_tuner_shares_the_cores_with_the_decode_workers():
         torch.set_num_threads(before)
 
 
-def _rows(out: Path) -> dict[str, np.ndarray]:
-    rows = {}
-    for shard in sorted(out.glob("*.h5")):
-        with h5py.File(shard, "r") as f:
-            for key, feats in zip(f["keys"].asstr()[()], f["features"][()], strict=True):
-                rows[key] = feats
-    return rows
-
-
 def test_reused_pixel_slots_give_the_rows_of_in_process_decoding(tmp_path, clip_full_dir):
     """Decoded images wait in shared-memory slots that are reused once their batch is
     stacked. With the queue squeezed to a few slots (each reused many times), every row must
@@ -298,7 +289,7 @@ def test_reused_pixel_slots_give_the_rows_of_in_process_decoding(tmp_path, clip_
     a = clipfeat.extract(out=str(tmp_path / "a"), workers=2, **common)
     b = clipfeat.extract(out=str(tmp_path / "b"), workers=0, **common)
     assert a.extracted == b.extracted == 40
-    rows_a, rows_b = _rows(tmp_path / "a"), _rows(tmp_path / "b")
+    rows_a, rows_b = read_rows(tmp_path / "a"), read_rows(tmp_path / "b")
     assert sorted(rows_a) == sorted(rows_b) == [f"{i:02d}.png" for i in range(40)]
     for key, row in rows_b.items():
         np.testing.assert_array_equal(rows_a[key], row, err_msg=key)

@@ -100,8 +100,8 @@ def test_to_uint8_is_the_same_with_and_without_the_accelerator(native):
         assert fastresize.status() == "pillow (test)"
         slow = [[to_uint8(im, spec, aspect) for im in images for aspect in ("square", "pad")]
                 for spec in specs]
-    for a_list, b_list in zip(fast, slow):
-        for a, b in zip(a_list, b_list):
+    for a_list, b_list in zip(fast, slow, strict=False):
+        for a, b in zip(a_list, b_list, strict=False):
             assert a.shape == b.shape and a.dtype == b.dtype == np.uint8
             np.testing.assert_array_equal(a, b)
 
@@ -168,5 +168,5 @@ def test_coefficients_are_pillows_fixed_point_weights():
         first, count = bounds[:, 0], bounds[:, 1]
         assert (first >= 0).all() and (count >= 1).all() and (first + count <= n_in).all()
         assert np.abs(weights.sum(axis=1) - (1 << 22)).max() <= ksize
-        for row, c in zip(weights, count):
+        for row, c in zip(weights, count, strict=False):
             assert not row[c:].any()

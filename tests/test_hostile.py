@@ -364,7 +364,7 @@ def test_hostile_tree_end_to_end(tmp_path, clip_full_dir, llava, monkeypatch):
     keys = sorted(rows)
     paths = [raw_paths.get(k, os.fsencode(root / k)) for k in keys]
     ref = llava.features(paths)
-    for key, expected in zip(keys, ref):
+    for key, expected in zip(keys, ref, strict=False):
         np.testing.assert_allclose(rows[key], expected, rtol=1e-5, atol=1e-5, err_msg=key)
 
     # The reader finds every odd key (newlines, escapes, unicode), failure-only shards too.
@@ -473,7 +473,7 @@ def test_misbehaving_decoder_never_stalls_the_run(tmp_path, clip_full_dir, llava
     assert stats["recovered"] >= 1 and stats["retries"] >= 1
     keys = sorted(rows)
     ref = llava.features([root / k for k in keys])
-    for key, expected in zip(keys, ref):
+    for key, expected in zip(keys, ref, strict=False):
         np.testing.assert_allclose(rows[key], expected, rtol=1e-5, atol=1e-5, err_msg=key)
 
 
@@ -636,7 +636,7 @@ def _mutate(data: bytes, rng: np.random.Generator) -> tuple[str, bytes]:
         b[i:i] = rng.integers(0, 256, int(rng.integers(1, 64)), dtype=np.uint8).tobytes()
     else:
         cuts = sorted(int(c) for c in rng.integers(0, len(b), 4))
-        parts = [b[s:e] for s, e in zip([0, *cuts], [*cuts, len(b)])]
+        parts = [b[s:e] for s, e in zip([0, *cuts], [*cuts, len(b)], strict=False)]
         order = list(range(len(parts)))
         i, j = (int(x) for x in rng.choice(len(parts), 2, replace=False))
         order[i], order[j] = order[j], order[i]
@@ -683,7 +683,7 @@ def test_fuzzed_images(tmp_path, clip_full_dir, llava):
     # path on the pixels that fresh process decoded.
     answers = fresh_decode([str(root / k) for k in inputs], tmp_path / "fresh")
     imgs, keys = [], []
-    for key, (status, value) in zip(inputs, answers):
+    for key, (status, value) in zip(inputs, answers, strict=False):
         if key in rows:
             assert status == "ok", (key, value)
             imgs.append(Image.fromarray(value, "RGB"))
@@ -691,5 +691,5 @@ def test_fuzzed_images(tmp_path, clip_full_dir, llava):
         elif not any(r in fails[key]["error"] for r in REFUSALS):
             assert status == "error", (key, fails[key]["error"])
     ref = llava.features(imgs)
-    for key, expected in zip(keys, ref):
+    for key, expected in zip(keys, ref, strict=False):
         np.testing.assert_allclose(rows[key], expected, rtol=1e-5, atol=1e-5, err_msg=key)

@@ -6,7 +6,6 @@ import json
 import shutil
 import subprocess
 import sys
-import types
 
 import pytest
 from llava_reference import processor_class

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import h5py
+import imagegen
 import numpy as np
 import pytest
 from llava_reference import LlavaReference
@@ -34,8 +35,6 @@ from typer.testing import CliRunner
 import clipfeat
 from clipfeat.cli import app
 from clipfeat.store import check_shard_bytes, read_shard_info, shard_name
-
-import imagegen
 
 runner = CliRunner()
 

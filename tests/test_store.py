@@ -66,7 +66,7 @@ def make_store(out: Path, *, store_dtype: str = "float16", rows=(5, 0, 3), seed:
             ks = keys[counter:counter + n]
         counter += n
         x = (rng.standard_normal((n, TOKENS, HIDDEN)) * 10).astype(np.float32)
-        expected.update(zip(ks, x.astype(store_dtype)))
+        expected.update(zip(ks, x.astype(store_dtype), strict=False))
         recs = [{"key": f"bad{sid}_{j}.jpg", "path": f"/data/bad{sid}_{j}.jpg",
                  "error": f"cannot identify image file '/data/bad{sid}_{j}.jpg'"}
                 for j in range(1 if n else 2)]

@@ -39,7 +39,7 @@ def make_store(out: Path, *, rows=(4, 3, 5), store_dtype="float16", compute_dtyp
                             failures=[{"key": f"bad{sid}", "path": f"/img/bad{sid}.jpg",
                                        "error": "cannot identify image file"}]))
         stored = x.astype(store_dtype).astype(np.float32)
-        expected.update(zip(keys, stored))
+        expected.update(zip(keys, stored, strict=False))
         plan_items += [{"key": k, "path": f"/img/{k}"} for k in keys]
     build_store(out, shards, meta=meta, plan={"num_chunks": len(rows)}, store_dtype=store_dtype,
                 complete=complete)
