@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from stores import Shard, build_store, write_shard
 
+from clipfeat.store import ShardWriter
 from clipfeat.verify import VerifyReport, verify_store
 
 TOKENS, HIDDEN = 6, 16
@@ -118,22 +119,34 @@ def test_flipped_byte_anywhere(tmp_path, where):
 
 
 def test_checksum_block_matches_an_independent_hash(tmp_path):
+    """Format 2: sha256 of the XXH3-128 digests of the file's 1 MiB blocks after byte 512
+    (one shard here spans several blocks, the rows hashed while written)."""
     import hashlib
+
+    import xxhash
 
     from clipfeat import store as store_mod
 
     make_store(tmp_path)
+    rng = np.random.default_rng(1)
+    with ShardWriter(tmp_path, 7, tokens=64, hidden=256, store_dtype="float32",
+                     attrs={"model": "m"}) as w:
+        w.append([f"big{i}" for i in range(40)],
+                 rng.standard_normal((40, 64, 256)).astype(np.float32))
+        big = w.commit()
+    man = json.loads((tmp_path / "manifest.json").read_text())
+    man["shards"].append(big.to_manifest())
     man = json.loads((tmp_path / "manifest.json").read_text())
     for entry in man["shards"]:
         data = (tmp_path / entry["file"]).read_bytes()
-        assert store_mod.CHECKSUM_KIND == "sha256-1MiB-tree"
+        assert store_mod.CHECKSUM_KIND == "xxh3_128-1MiB-tree"
         block = 1024 * 1024
         body = data[512:]
-        digests = b"".join(hashlib.sha256(body[i:i + block]).digest()
+        digests = b"".join(xxhash.xxh3_128(body[i:i + block]).digest()
                            for i in range(0, len(body), block))
         assert entry["checksum"] == hashlib.sha256(digests).hexdigest()
         assert data.startswith(b"clipfeat-shard 1\n")
-        assert f"checksum sha256-1MiB-tree {entry['checksum']}".encode() in data[:512]
+        assert f"checksum xxh3_128-1MiB-tree {entry['checksum']}".encode() in data[:512]
         assert f"bytes {len(data)}".encode() in data[:512]
         assert store_mod.shard_checksum(tmp_path / entry["file"]) == (entry["checksum"], len(data))
 

@@ -69,13 +69,13 @@ from clipfeat.store.shard import (
 )
 
 __all__ = [
-    "CHECKSUM_KIND", "FAILURES", "FLOAT16_MAX", "FLOAT32_MAX", "FORMAT_VERSION", "INDEX_FILE",
-    "MANIFEST", "META_DIR", "PARTIAL_SUFFIX", "PER_SHARD_ATTRS", "PLAN_FILE", "RESERVED_ATTRS",
-    "SHARD_PREFIX", "SHARD_SUFFIX", "STORE_DTYPES", "USERBLOCK", "FeatureStore", "ShardInfo",
-    "ShardWriter", "atomic_write_json", "atomic_write_lines", "check_shard_bytes",
-    "decode_attr", "describe_store", "encode_attr", "failure_reason", "finalize",
-    "format_store", "is_store", "json_line", "key_bytes", "key_hash", "key_str", "open_shard", "seq_sha256", "list_shard_files", "load_index", "os_error_message",
-    "parse_shard_id", "planned_chunks", "read_manifest", "read_shard_failures",
-    "read_shard_info", "remove_partials", "scan_shards", "shard_checksum", "shard_name",
-    "write_index", "write_lines_atomically",
+    "CHECKSUM_KIND", "FAILURES", "FLOAT16_MAX", "FLOAT32_MAX", "FORMAT_VERSION", "FeatureStore",
+    "INDEX_FILE", "MANIFEST", "META_DIR", "PARTIAL_SUFFIX", "PER_SHARD_ATTRS", "PLAN_FILE",
+    "RESERVED_ATTRS", "SHARD_PREFIX", "SHARD_SUFFIX", "STORE_DTYPES", "ShardInfo", "ShardWriter",
+    "USERBLOCK", "atomic_write_json", "atomic_write_lines", "check_shard_bytes", "decode_attr",
+    "describe_store", "encode_attr", "failure_reason", "finalize", "format_store", "is_store",
+    "json_line", "key_bytes", "key_hash", "key_str", "list_shard_files", "load_index",
+    "open_shard", "os_error_message", "parse_shard_id", "planned_chunks", "read_manifest",
+    "read_shard_failures", "read_shard_info", "remove_partials", "scan_shards", "seq_sha256",
+    "shard_checksum", "shard_name", "write_index", "write_lines_atomically",
 ]

@@ -1,12 +1,13 @@
 """The shard checksum: a 512-byte HDF5 user block holding a tree hash of the rest of the file.
 
-The checksum of a file is the sha256 of the concatenated sha256 digests of its consecutive
-blocks from byte 512 on (the user block itself is not covered). The block size is part of
-the checksum's kind, written in the user block: ``sha256-1MiB-tree`` since format 2,
+The checksum of a file is the sha256 of the concatenated digests of its consecutive blocks
+from byte 512 on (the user block itself is not covered). The block hash and size are the
+checksum's kind, written in the user block: ``xxh3_128-1MiB-tree`` since format 2 (XXH3-128
+hashes a block twelve times faster than sha256 here, 20 vs 1.7 GB/s, and releases the GIL),
 ``sha256-8MiB-tree`` in format-1 shards, which stay valid. Blocks hash independently, so
-`hash_fd` hashes them in parallel threads, and `TreeHasher` hashes the blocks that feature
-rows fill while they are written, leaving only the rest (metadata, the keys, the ends of
-the row region) to be read back at commit.
+`hash_fd` hashes them in parallel threads, and `BlockHasher` hashes the blocks that feature
+rows fill while the shard is being written, leaving only the rest (metadata, the keys, the
+ends of the row region) to be read at commit.
 """
 
 from __future__ import annotations
@@ -15,21 +16,31 @@ import errno
 import hashlib
 import os
 import re
-from collections.abc import Iterable
 
 USERBLOCK = 512
 USERBLOCK_MAGIC = b"clipfeat-shard 1\n"
 MiB = 1024 * 1024
 HASH_BLOCK = 1 * MiB
-CHECKSUM_KIND = "sha256-1MiB-tree"
+BLOCK_HASH = "xxh3_128"
+CHECKSUM_KIND = f"{BLOCK_HASH}-1MiB-tree"
 HASH_THREADS = 8
-_KIND_RE = re.compile(r"^sha256-(\d{1,4})MiB-tree$")
+_KIND_RE = re.compile(r"^(sha256|xxh3_128)-(\d{1,4})MiB-tree$")
 
 
-def block_size_of(kind: str) -> int | None:
-    """The block size of checksum ``kind`` (``sha256-<N>MiB-tree``), None if unknown."""
+def parse_kind(kind: str) -> tuple[str, int] | None:
+    """(block hash, block size) of checksum ``kind`` (``<hash>-<N>MiB-tree``), or None."""
     m = _KIND_RE.match(kind)
-    return int(m.group(1)) * MiB if m and int(m.group(1)) > 0 else None
+    if not m or int(m.group(2)) == 0:
+        return None
+    return m.group(1), int(m.group(2)) * MiB
+
+
+def _hash_factory(name: str):
+    if name == "sha256":
+        return hashlib.sha256
+    import xxhash
+
+    return xxhash.xxh3_128
 
 
 def userblock_bytes(digest: str, size: int, kind: str = CHECKSUM_KIND) -> bytes:
@@ -48,7 +59,7 @@ def parse_userblock_kind(block: bytes) -> tuple[str, int, str] | None:
         size = int(lines[2].split(" ", 1)[1])
     except (UnicodeDecodeError, IndexError, ValueError):
         return None
-    if block_size_of(kind) is None or userblock_bytes(digest, size, kind) != block:
+    if parse_kind(kind) is None or userblock_bytes(digest, size, kind) != block:
         return None
     return digest, size, kind
 
@@ -59,9 +70,9 @@ def parse_userblock(block: bytes) -> tuple[str, int] | None:
     return None if parsed is None else parsed[:2]
 
 
-def _block_digest(fd: int, offset: int, size: int, block: int) -> bytes:
+def _block_digest(fd: int, offset: int, size: int, block: int, algo: str = BLOCK_HASH) -> bytes:
     want = min(block, size - offset)
-    h = hashlib.sha256()
+    h = _hash_factory(algo)()
     while want > 0:
         data = os.pread(fd, min(want, 8 * MiB), offset)
         if not data:
@@ -73,10 +84,10 @@ def _block_digest(fd: int, offset: int, size: int, block: int) -> bytes:
 
 
 def hash_fd(fd: int, start: int, block: int = HASH_BLOCK,
-            known: dict[int, bytes] | None = None) -> tuple[str, int]:
+            known: dict[int, bytes] | None = None, algo: str = BLOCK_HASH) -> tuple[str, int]:
     """Checksum of an open file's bytes from ``start`` to its end, and the file's size.
 
-    ``known`` maps block numbers to digests already computed (by `TreeHasher`); the other
+    ``known`` maps block numbers to digests already computed (by `BlockHasher`); the other
     blocks are read back and hashed in threads (hashlib and pread release the GIL).
     """
     size = os.fstat(fd).st_size
@@ -87,7 +98,7 @@ def hash_fd(fd: int, start: int, block: int = HASH_BLOCK,
     threads = min(HASH_THREADS, os.cpu_count() or 1, len(missing))
 
     def fill(i: int) -> None:
-        digests[i] = _block_digest(fd, offsets[i], size, block)
+        digests[i] = _block_digest(fd, offsets[i], size, block, algo)
 
     if threads > 1:
         from concurrent.futures import ThreadPoolExecutor
@@ -100,53 +111,69 @@ def hash_fd(fd: int, start: int, block: int = HASH_BLOCK,
     return hashlib.sha256(b"".join(digests)).hexdigest(), size  # type: ignore[arg-type]
 
 
-class TreeHasher:
-    """Digests of the checksum blocks that bytes written in file order fill completely.
+class BlockHasher:
+    """Digests the checksum blocks of a file being written, as soon as rows fill them.
 
-    `feed` takes bytes with their file offset; a block is digested here only when every one
-    of its bytes came through `feed`, in order and without a gap (bytes between two runs of
-    rows are metadata that HDF5 writes later: such a block is left to `hash_fd`). Feed it
-    from one thread at a time.
+    The writer reports each run of row bytes it has written (`written`); a block is hashed
+    (read back from the page cache in a background thread, so the writer's buffer is free at
+    once and the hashing overlaps the writes and the final fsync) only when every one of its
+    bytes came through `written`, in order and without a gap. Bytes between two runs of rows
+    are metadata that HDF5 writes later: such blocks are left to `hash_fd` at commit. Call
+    `written` from one thread at a time.
     """
 
-    def __init__(self, start: int = USERBLOCK, block: int = HASH_BLOCK) -> None:
+    def __init__(self, fd: int, start: int = USERBLOCK, block: int = HASH_BLOCK,
+                 threads: int | None = None) -> None:
+        self.fd = fd
         self.start = start
         self.block = block
-        self.digests: dict[int, bytes] = {}
-        self._cur: int | None = None  # block being hashed
-        self._h = None
+        self.threads = threads or (2 if (os.cpu_count() or 1) >= 4 else 1)
+        self._pool = None
+        self._pending: dict[int, object] = {}  # block number -> Future of its digest
+        self._cur: int | None = None  # block being filled
         self._filled = 0
 
-    def feed(self, offset: int, data: memoryview) -> None:
-        """Hash ``data``, the bytes at file offset ``offset`` onwards."""
-        view = memoryview(data).cast("B")
-        pos = offset
-        while len(view):
+    def written(self, offset: int, length: int) -> None:
+        """Bytes ``[offset, offset + length)`` of the file are written and final."""
+        pos, end = offset, offset + length
+        while pos < end:
             b, inner = divmod(pos - self.start, self.block)
             if pos < self.start:  # pragma: no cover - rows never precede the user block end
-                skip = self.start - pos
-            elif self._cur == b and inner == self._filled:
-                skip = 0
-            elif inner == 0:  # a fresh block starts here
-                self._cur, self._h, self._filled = b, hashlib.sha256(), 0
-                skip = 0
-            else:  # joins a block midway or after a gap: leave that block to hash_fd
-                self._cur = None
-                skip = self.block - inner
-            if skip:
-                view, pos = view[skip:], pos + skip
+                pos = self.start
                 continue
-            n = min(len(view), self.block - self._filled)
-            self._h.update(view[:n])
+            if not (self._cur == b and inner == self._filled):
+                if inner:  # joins a block midway or after a gap: leave it to hash_fd
+                    self._cur = None
+                    pos += self.block - inner
+                    continue
+                self._cur, self._filled = b, 0
+            n = min(end - pos, self.block - self._filled)
             self._filled += n
-            view, pos = view[n:], pos + n
+            pos += n
             if self._filled == self.block:
-                self.digests[b] = self._h.digest()
-                self._cur, self._h = None, None
+                self._submit(b)
+                self._cur = None
 
-    def feed_runs(self, runs: Iterable[tuple[int, memoryview]]) -> None:
-        for offset, data in runs:
-            self.feed(offset, data)
+    def _submit(self, b: int) -> None:
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=self.threads,
+                                            thread_name_prefix="clipfeat-hash")
+        offset = self.start + b * self.block
+        self._pending[b] = self._pool.submit(_block_digest, self.fd, offset,
+                                             offset + self.block, self.block)
+
+    def digests(self) -> dict[int, bytes]:
+        """Every block digested so far, waiting for those still being hashed (OSError if a
+        read failed)."""
+        return {b: f.result() for b, f in self._pending.items()}  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        """Stop the hashing threads (waits for the blocks in progress)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def shard_checksum(path: str | os.PathLike) -> tuple[str, int] | None:
@@ -164,7 +191,8 @@ def check_shard_bytes(path: str | os.PathLike) -> str | None:
         recorded = parse_userblock_kind(head)
         if recorded is None:
             return "its checksum block (first 512 bytes) is missing or damaged"
-        digest, size = hash_fd(fd, USERBLOCK, block_size_of(recorded[2]) or HASH_BLOCK)
+        algo, block = parse_kind(recorded[2])  # parse_userblock_kind checked the kind
+        digest, size = hash_fd(fd, USERBLOCK, block, algo=algo)
     finally:
         os.close(fd)
     if size != recorded[1]:

@@ -26,7 +26,13 @@ from clipfeat.store.attrs import (
     STORE_DTYPES,
     encode_attr,
 )
-from clipfeat.store.checksum import USERBLOCK, TreeHasher, hash_fd, shard_checksum, userblock_bytes
+from clipfeat.store.checksum import (
+    USERBLOCK,
+    BlockHasher,
+    hash_fd,
+    shard_checksum,
+    userblock_bytes,
+)
 from clipfeat.store.h5file import (
     LIBVER,
     GuardedFile,
@@ -173,8 +179,7 @@ class ShardWriter:
         self._features = None
         self._space: RowSpace | None = None
         self._row_bytes = tokens * hidden * (2 if store_dtype == "float16" else 4)
-        self._hasher = TreeHasher()
-        self._hash_pool = None  # one thread hashing rows while this one writes them
+        self._hasher: BlockHasher | None = None  # digests blocks of rows as they are written
         self._state = "open"
         self.expected_rows = expected_rows  # a hint; chunks are allocated as rows come
         self._create()
@@ -201,6 +206,7 @@ class ShardWriter:
             self._features = create_rows_dataset(self._file, "features", self.tokens,
                                                  self.hidden, STORE_DTYPES[self.store_dtype])
             self._space = RowSpace(self._features, self._row_bytes)
+            self._hasher = BlockHasher(self._raw.fileno())
         except OSError as err:
             self._fail(err)
         self._check_io()
@@ -282,18 +288,10 @@ class ShardWriter:
         if not self._space.direct:  # old HDF5: through h5py (and so through GuardedFile)
             self._features[start:start + len(data)] = data
             return
-        pieces = [(off, memoryview(data[i:i + n]).cast("B")) for i, off, n in runs]
-        if self._hash_pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._hash_pool = ThreadPoolExecutor(max_workers=1,
-                                                 thread_name_prefix="clipfeat-hash")
-        hashed = self._hash_pool.submit(self._hasher.feed_runs, pieces)
-        try:
-            for off, view in pieces:
-                pwrite_all(self._raw.fileno(), view, off)
-        finally:
-            hashed.result()  # the caller may reuse ``data`` once append returns
+        fd = self._raw.fileno()
+        for i, off, n in runs:
+            pwrite_all(fd, memoryview(data[i:i + n]).cast("B"), off)
+            self._hasher.written(off, n * self._row_bytes)
 
     def _convert_checked(self, arr, keys: list[str]):
         """``arr`` in the store dtype, after checking every value fits (fast path: one
@@ -389,8 +387,7 @@ class ShardWriter:
         if self._state != "sealed":
             raise StoreError(f"{self.partial_path}: shard writer already {self._state}")
         try:
-            self._stop_hashing()
-            digest, size = hash_fd(self._raw.fileno(), USERBLOCK, known=self._hasher.digests)
+            digest, size = self._checksum_and_sync()
             self._raw.seek(0)
             self._raw.write(userblock_bytes(digest, size))
             self._check_io()
@@ -415,10 +412,36 @@ class ShardWriter:
             checksum=digest,
         )
 
+    def _checksum_and_sync(self) -> tuple[str, int]:
+        """The file's checksum and size; its bytes are flushed to disk meanwhile (the user
+        block written after this needs one more, short, fsync)."""
+        import threading
+
+        fd = self._raw.fileno()
+        failed: list[OSError] = []
+
+        def sync() -> None:
+            try:
+                os.fsync(fd)
+            except OSError as err:
+                failed.append(err)
+
+        syncing = threading.Thread(target=sync, name="clipfeat-fsync", daemon=True)
+        syncing.start()
+        try:
+            known = self._hasher.digests() if self._hasher is not None else {}
+            result = hash_fd(fd, USERBLOCK, known=known)
+        finally:
+            syncing.join()
+            self._stop_hashing()
+        if failed:
+            raise failed[0]
+        return result
+
     def _stop_hashing(self) -> None:
-        pool, self._hash_pool = self._hash_pool, None
-        if pool is not None:
-            pool.shutdown(wait=True)
+        hasher, self._hasher = self._hasher, None
+        if hasher is not None:
+            hasher.close()
 
     def abort(self) -> None:
         """Close and remove the partial file. Never raises."""
