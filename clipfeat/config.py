@@ -76,23 +76,31 @@ class ExtractConfig:
 
     def validate(self) -> "ExtractConfig":
         """Raise ConfigError naming the first bad value and the fix; return self."""
+        self._validate_choices()
+        self._validate_numbers()
+        self._validate_inputs()
+        return self
+
+    def _validate_choices(self) -> None:
+        """Check the output folder, the roots and the named choices (feature ... device)."""
         if not self.out:
             raise ConfigError("no output folder given: pass --out DIR")
         if any(not r for r in self.roots):
             raise ConfigError("an empty ROOT ('') was given: pass an existing image folder")
-        if self.feature not in FEATURES:
-            raise ConfigError(f"--feature {self.feature!r} is not one of {', '.join(FEATURES)}")
-        if self.aspect not in ASPECTS:
-            raise ConfigError(f"--aspect {self.aspect!r} is not one of {', '.join(ASPECTS)}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
-        if self.store_dtype not in STORE_DTYPES:
-            raise ConfigError(
-                f"--store-dtype {self.store_dtype!r} is not one of {', '.join(STORE_DTYPES)}"
-            )
+        for name, value, choices in (
+            ("--feature", self.feature, FEATURES),
+            ("--aspect", self.aspect, ASPECTS),
+            ("--dtype", self.dtype, DTYPES),
+            ("--store-dtype", self.store_dtype, STORE_DTYPES),
+        ):
+            if value not in choices:
+                raise ConfigError(f"{name} {value!r} is not one of {', '.join(choices)}")
         dev = self.device
         if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise ConfigError(f"--device {dev!r} is not valid: use auto, cpu, cuda or cuda:N")
+
+    def _validate_numbers(self) -> None:
+        """Check the sizes, counts and limits."""
         for name, value, low in (
             ("--batch-size", self.batch_size, 1),
             ("--shard-size", self.shard_size, 1),
@@ -107,6 +115,9 @@ class ExtractConfig:
             raise ConfigError(f"--max-pixels {self.max_pixels} is invalid: it must be >= 1")
         if not self.decode_timeout > 0:
             raise ConfigError(f"--decode-timeout {self.decode_timeout} is invalid: it must be > 0")
+
+    def _validate_inputs(self) -> None:
+        """Check that the input options (ROOTs, --files-from, --llava-json) fit together."""
         if self.llava_json and self.files_from:
             raise ConfigError("--llava-json and --files-from cannot be used together: pick one")
         if self.llava_json:
@@ -122,7 +133,6 @@ class ExtractConfig:
             raise ConfigError("no input given: pass one or more image folders (ROOT...)")
         if self.files_from and len(self.roots) > 1:
             raise ConfigError("--files-from takes at most one ROOT (paths are relative to it)")
-        return self
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

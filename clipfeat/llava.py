@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 from clipfeat.errors import ConfigError, StoreError
 
 if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
     from clipfeat.store import FeatureStore
 
 __all__ = ["LlavaFeatureDataset", "PrecomputedVisionTower", "check_compatible"]  # noqa: F822
@@ -94,6 +96,128 @@ def _open_store(store: FeatureStore | str | os.PathLike) -> FeatureStore:
     raise ConfigError(f"expected a FeatureStore or an OUT folder, not {type(store).__name__}")
 
 
+class _PrecomputedTowerImpl:
+    """A vision tower whose output was computed by ``clipfeat extract``.
+
+    ``forward(features)`` takes what the dataset yields (a (B, P, D) tensor, or a list
+    of (P, D) / (1, P, D) tensors) and returns it on this module's device and dtype —
+    a list in gives a list of (1, P, D) out, like LLaVA's ``CLIPVisionTower``.
+    """
+
+    is_loaded = True
+    image_processor = None
+
+    def __init__(
+        self,
+        store: FeatureStore | str | os.PathLike,
+        *,
+        expect_layer: int | None = None,
+        expect_feature: str | None = None,
+        expect_aspect: str | None = None,
+        expect_model: str | None = None,
+    ) -> None:
+        import torch
+
+        super().__init__()
+        self.store = _open_store(store)
+        meta = self.store.meta
+        check_compatible(meta, layer=expect_layer, feature=expect_feature,
+                         aspect=expect_aspect, model=expect_model)
+        tokens, hidden = self.store.shape
+        image_size = meta.get("image_size")
+        patch_size = meta.get("patch_size")
+        self.vision_tower_name = meta.get("model")
+        self.select_layer = meta.get("layer")
+        self.select_feature = meta.get("feature")
+        self.tokens = int(tokens)
+        self.config = SimpleNamespace(
+            hidden_size=int(hidden),
+            image_size=int(image_size) if image_size is not None else None,
+            patch_size=int(patch_size) if patch_size is not None else None,
+            model_type=meta.get("model_type"),
+            name_or_path=meta.get("model"),
+        )
+        store_dtype = torch.float32 if str(self.store.dtype) == "float32" else torch.float16
+        # Zero-size buffer: follows .to(device, dtype) so forward knows where to go.
+        self.register_buffer("_anchor", torch.zeros(0, dtype=store_dtype), persistent=False)
+
+    # -- CLIPVisionTower API
+
+    def load_model(self, *args: Any, **kwargs: Any) -> None:
+        """No-op: there are no weights to load."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._anchor.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._anchor.device
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def num_patches_per_side(self) -> int:
+        if self.config.image_size and self.config.patch_size:
+            return self.config.image_size // self.config.patch_size
+        grid = int(round(self.tokens ** 0.5))  # cls_patch stores one extra token
+        return grid if grid * grid == self.tokens else int(round((self.tokens - 1) ** 0.5))
+
+    @property
+    def num_patches(self) -> int:
+        return self.num_patches_per_side ** 2
+
+    @property
+    def dummy_feature(self) -> torch.Tensor:
+        import torch
+
+        return torch.zeros(1, self.hidden_size, device=self.device, dtype=self.dtype)
+
+    def _place(self, t: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"expected precomputed feature tensors, got {type(t).__name__}")
+        if t.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"features have hidden size {t.shape[-1]} but the store's is "
+                f"{self.hidden_size}: the dataset is not yielding this store's features")
+        return t.to(device=self.device, dtype=self.dtype)
+
+    def forward(self, features):
+        if isinstance(features, (list, tuple)):
+            out = []
+            for t in features:
+                t = self._place(t)
+                if t.ndim == 2:
+                    t = t.unsqueeze(0)
+                if t.ndim != 3 or t.shape[0] != 1:
+                    raise ValueError(f"list items must be (P, D) or (1, P, D), got "
+                                     f"{tuple(t.shape)}")
+                out.append(t)
+            return out
+        t = self._place(features)
+        if t.ndim == 2:
+            t = t.unsqueeze(0)
+        if t.ndim != 3:
+            raise ValueError(f"expected (B, P, D) features, got {tuple(t.shape)}")
+        return t
+
+    def lookup(self, keys):
+        """Features of one key ((P, D)) or of a list of keys ((k, P, D)), placed on
+        this module's device and dtype."""
+        if isinstance(keys, str):
+            return self.store[keys].to(device=self.device, dtype=self.dtype)
+        return self.store.get_many(list(keys)).to(device=self.device, dtype=self.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"store={str(self.store.path)!r}, model={self.vision_tower_name!r}, "
+                f"layer={self.select_layer}, feature={self.select_feature!r}, "
+                f"tokens={self.tokens}, hidden_size={self.hidden_size}")
+
+
 _TOWER_CLASS = None
 
 
@@ -102,128 +226,15 @@ def _tower_class():
     global _TOWER_CLASS
     if _TOWER_CLASS is not None:
         return _TOWER_CLASS
-    import torch
     from torch import nn
 
-    class PrecomputedVisionTower(nn.Module):
-        """A vision tower whose output was computed by ``clipfeat extract``.
-
-        ``forward(features)`` takes what the dataset yields (a (B, P, D) tensor, or a list
-        of (P, D) / (1, P, D) tensors) and returns it on this module's device and dtype —
-        a list in gives a list of (1, P, D) out, like LLaVA's ``CLIPVisionTower``.
-        """
-
-        is_loaded = True
-        image_processor = None
-
-        def __init__(
-            self,
-            store: FeatureStore | str | os.PathLike,
-            *,
-            expect_layer: int | None = None,
-            expect_feature: str | None = None,
-            expect_aspect: str | None = None,
-            expect_model: str | None = None,
-        ) -> None:
-            super().__init__()
-            self.store = _open_store(store)
-            meta = self.store.meta
-            check_compatible(meta, layer=expect_layer, feature=expect_feature,
-                             aspect=expect_aspect, model=expect_model)
-            tokens, hidden = self.store.shape
-            image_size = meta.get("image_size")
-            patch_size = meta.get("patch_size")
-            self.vision_tower_name = meta.get("model")
-            self.select_layer = meta.get("layer")
-            self.select_feature = meta.get("feature")
-            self.tokens = int(tokens)
-            self.config = SimpleNamespace(
-                hidden_size=int(hidden),
-                image_size=int(image_size) if image_size is not None else None,
-                patch_size=int(patch_size) if patch_size is not None else None,
-                model_type=meta.get("model_type"),
-                name_or_path=meta.get("model"),
-            )
-            store_dtype = torch.float32 if str(self.store.dtype) == "float32" else torch.float16
-            # Zero-size buffer: follows .to(device, dtype) so forward knows where to go.
-            self.register_buffer("_anchor", torch.zeros(0, dtype=store_dtype), persistent=False)
-
-        # -- CLIPVisionTower API
-
-        def load_model(self, *args: Any, **kwargs: Any) -> None:
-            """No-op: there are no weights to load."""
-
-        @property
-        def dtype(self) -> torch.dtype:
-            return self._anchor.dtype
-
-        @property
-        def device(self) -> torch.device:
-            return self._anchor.device
-
-        @property
-        def hidden_size(self) -> int:
-            return self.config.hidden_size
-
-        @property
-        def num_patches_per_side(self) -> int:
-            if self.config.image_size and self.config.patch_size:
-                return self.config.image_size // self.config.patch_size
-            grid = int(round(self.tokens ** 0.5))  # cls_patch stores one extra token
-            return grid if grid * grid == self.tokens else int(round((self.tokens - 1) ** 0.5))
-
-        @property
-        def num_patches(self) -> int:
-            return self.num_patches_per_side ** 2
-
-        @property
-        def dummy_feature(self) -> torch.Tensor:
-            return torch.zeros(1, self.hidden_size, device=self.device, dtype=self.dtype)
-
-        def _place(self, t: torch.Tensor) -> torch.Tensor:
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"expected precomputed feature tensors, got {type(t).__name__}")
-            if t.shape[-1] != self.hidden_size:
-                raise ValueError(
-                    f"features have hidden size {t.shape[-1]} but the store's is "
-                    f"{self.hidden_size}: the dataset is not yielding this store's features")
-            return t.to(device=self.device, dtype=self.dtype)
-
-        def forward(self, features):
-            if isinstance(features, (list, tuple)):
-                out = []
-                for t in features:
-                    t = self._place(t)
-                    if t.ndim == 2:
-                        t = t.unsqueeze(0)
-                    if t.ndim != 3 or t.shape[0] != 1:
-                        raise ValueError(f"list items must be (P, D) or (1, P, D), got "
-                                         f"{tuple(t.shape)}")
-                    out.append(t)
-                return out
-            t = self._place(features)
-            if t.ndim == 2:
-                t = t.unsqueeze(0)
-            if t.ndim != 3:
-                raise ValueError(f"expected (B, P, D) features, got {tuple(t.shape)}")
-            return t
-
-        def lookup(self, keys):
-            """Features of one key ((P, D)) or of a list of keys ((k, P, D)), placed on
-            this module's device and dtype."""
-            if isinstance(keys, str):
-                return self.store[keys].to(device=self.device, dtype=self.dtype)
-            return self.store.get_many(list(keys)).to(device=self.device, dtype=self.dtype)
-
-        def extra_repr(self) -> str:
-            return (f"store={str(self.store.path)!r}, model={self.vision_tower_name!r}, "
-                    f"layer={self.select_layer}, feature={self.select_feature!r}, "
-                    f"tokens={self.tokens}, hidden_size={self.hidden_size}")
-
-    PrecomputedVisionTower.__module__ = __name__
-    PrecomputedVisionTower.__qualname__ = "PrecomputedVisionTower"
-    _TOWER_CLASS = PrecomputedVisionTower
-    return PrecomputedVisionTower
+    _TOWER_CLASS = type(
+        "PrecomputedVisionTower",
+        (_PrecomputedTowerImpl, nn.Module),
+        {"__module__": __name__, "__doc__": _PrecomputedTowerImpl.__doc__,
+         "__qualname__": "PrecomputedVisionTower"},
+    )
+    return _TOWER_CLASS
 
 
 def __getattr__(name: str) -> Any:

@@ -187,78 +187,108 @@ def walk_folders(
 
 
 def _walk_root(root: str, suffixes: tuple[str, ...], excluded: set[tuple[int, int]]) -> list[Item]:
-    root_abs = os.path.abspath(root)
-    st = os.stat(root_abs)
-    visited = {(st.st_dev, st.st_ino)}
-    items: list[Item] = []
-    # Real directories are walked first (stack); symlinked ones wait in a heap ordered by
-    # key, so a directory reachable both ways is listed under its real path, and the
-    # choice does not depend on scandir order.
-    stack: list[tuple[str, str]] = [(root_abs, "")]
-    deferred: list[tuple[str, str, tuple[int, int]]] = []
+    return _RootWalk(root, suffixes, excluded).run()
 
-    while stack or deferred:
-        if stack:
-            path, rel = stack.pop()
-        else:
-            rel, path, ident = heapq.heappop(deferred)
-            if ident in visited:
-                logger.debug("skipping %s: directory already walked", path)
-                continue
-            visited.add(ident)
+
+class _RootWalk:
+    """One ROOT's walk: its image items sorted by key, each directory listed once."""
+
+    def __init__(self, root: str, suffixes: tuple[str, ...],
+                 excluded: set[tuple[int, int]]) -> None:
+        self.root = root
+        self.suffixes = suffixes
+        self.excluded = excluded
+        root_abs = os.path.abspath(root)
+        st = os.stat(root_abs)
+        self.visited = {(st.st_dev, st.st_ino)}
+        self.items: list[Item] = []
+        # Real directories are walked first (stack); symlinked ones wait in a heap ordered by
+        # key, so a directory reachable both ways is listed under its real path, and the
+        # choice does not depend on scandir order.
+        self.stack: list[tuple[str, str]] = [(root_abs, "")]
+        self.deferred: list[tuple[str, str, tuple[int, int]]] = []
+
+    def run(self) -> list[Item]:
+        """Walk every directory reachable from the ROOT; return the items sorted by key."""
+        while self.stack or self.deferred:
+            nxt = self._next_dir()
+            if nxt is not None:
+                self._list_dir(*nxt)
+        self.items.sort(key=lambda i: i.key)
+        return self.items
+
+    def _next_dir(self) -> tuple[str, str] | None:
+        """The next (path, rel) to list, or None for a symlinked directory already walked."""
+        if self.stack:
+            return self.stack.pop()
+        rel, path, ident = heapq.heappop(self.deferred)
+        if ident in self.visited:
+            logger.debug("skipping %s: directory already walked", path)
+            return None
+        self.visited.add(ident)
+        return path, rel
+
+    def _list_dir(self, path: str, rel: str) -> None:
+        """Visit each non-hidden entry of one directory (ConfigError if it is the ROOT's)."""
         try:
             it = os.scandir(path)
         except OSError as exc:
             if not rel:
                 raise ConfigError(
-                    f"cannot list input folder {root!r}: {exc.strerror}; check its permissions"
+                    f"cannot list input folder {self.root!r}: {exc.strerror}; "
+                    "check its permissions"
                 ) from exc
             logger.warning("cannot list %s: %s", path, exc.strerror)
-            items.append(Item(_fs_key(rel), path, f"cannot list directory: {exc.strerror}"))
-            continue
+            self.items.append(Item(_fs_key(rel), path, f"cannot list directory: {exc.strerror}"))
+            return
         with it:
             for entry in it:
                 name = entry.name
                 if name.startswith("."):
                     continue
-                child_rel = f"{rel}/{name}" if rel else name
-                is_image = name.lower().endswith(suffixes)
-                try:
-                    if entry.is_symlink():
-                        try:
-                            target = os.stat(entry.path)
-                        except OSError as exc:
-                            if is_image:
-                                items.append(Item(_fs_key(child_rel), entry.path,
-                                                  _stat_error(exc, entry.path)))
-                            continue
-                        if stat.S_ISDIR(target.st_mode):
-                            ident = (target.st_dev, target.st_ino)
-                            if ident not in visited and ident not in excluded:
-                                heapq.heappush(deferred, (child_rel, entry.path, ident))
-                        elif is_image:
-                            err = _mode_error(target.st_mode)
-                            if err is None and not os.access(entry.path, os.R_OK):
-                                err = "permission denied"
-                            items.append(Item(_fs_key(child_rel), entry.path, err))
-                    elif entry.is_dir(follow_symlinks=False):
-                        lst = entry.stat(follow_symlinks=False)
-                        ident = (lst.st_dev, lst.st_ino)
-                        if ident not in visited and ident not in excluded:
-                            visited.add(ident)
-                            stack.append((entry.path, child_rel))
-                    elif is_image:
-                        if entry.is_file(follow_symlinks=False):
-                            err = None if os.access(entry.path, os.R_OK) else "permission denied"
-                        else:
-                            err = _mode_error(entry.stat(follow_symlinks=False).st_mode)
-                        items.append(Item(_fs_key(child_rel), entry.path, err))
-                except OSError as exc:  # the entry changed or vanished during the walk
-                    if is_image:
-                        items.append(Item(_fs_key(child_rel), entry.path,
-                                          _stat_error(exc, entry.path)))
-    items.sort(key=lambda i: i.key)
-    return items
+                self._visit(entry, f"{rel}/{name}" if rel else name)
+
+    def _visit(self, entry: os.DirEntry, child_rel: str) -> None:
+        """Record an image entry as an item, queue a directory entry for listing."""
+        is_image = entry.name.lower().endswith(self.suffixes)
+        try:
+            if entry.is_symlink():
+                self._visit_symlink(entry, child_rel, is_image)
+            elif entry.is_dir(follow_symlinks=False):
+                lst = entry.stat(follow_symlinks=False)
+                ident = (lst.st_dev, lst.st_ino)
+                if ident not in self.visited and ident not in self.excluded:
+                    self.visited.add(ident)
+                    self.stack.append((entry.path, child_rel))
+            elif is_image:
+                if entry.is_file(follow_symlinks=False):
+                    err = None if os.access(entry.path, os.R_OK) else "permission denied"
+                else:
+                    err = _mode_error(entry.stat(follow_symlinks=False).st_mode)
+                self.items.append(Item(_fs_key(child_rel), entry.path, err))
+        except OSError as exc:  # the entry changed or vanished during the walk
+            if is_image:
+                self.items.append(Item(_fs_key(child_rel), entry.path,
+                                       _stat_error(exc, entry.path)))
+
+    def _visit_symlink(self, entry: os.DirEntry, child_rel: str, is_image: bool) -> None:
+        """A symlink: its target directory deferred, or an item if it is named as an image."""
+        try:
+            target = os.stat(entry.path)
+        except OSError as exc:
+            if is_image:
+                self.items.append(Item(_fs_key(child_rel), entry.path,
+                                       _stat_error(exc, entry.path)))
+            return
+        if stat.S_ISDIR(target.st_mode):
+            ident = (target.st_dev, target.st_ino)
+            if ident not in self.visited and ident not in self.excluded:
+                heapq.heappush(self.deferred, (child_rel, entry.path, ident))
+        elif is_image:
+            err = _mode_error(target.st_mode)
+            if err is None and not os.access(entry.path, os.R_OK):
+                err = "permission denied"
+            self.items.append(Item(_fs_key(child_rel), entry.path, err))
 
 
 # -- file lists ------------------------------------------------------------------------

@@ -187,9 +187,6 @@ def _check_shard(out: Path, name: str, entry: dict | None, config: dict,
 
 def _check_contents(f, name: str, sid: int | None, entry: dict | None, config: dict,
                     intact: bool, res: _ShardResult, problems: list[str]) -> None:
-    import numpy as np
-    import torch
-
     attrs = {k: decode_attr(v) for k, v in f.attrs.items()}
     missing = [d for d in ("features", "keys") if d not in f]
     if missing:
@@ -202,8 +199,20 @@ def _check_contents(f, name: str, sid: int | None, entry: dict | None, config: d
         return
     n = int(ds.shape[0])
     res.rows = n
-    if kds.shape[0] != n:
-        problems.append(f"{name}: {kds.shape[0]} keys for {n} feature rows")
+    _check_row_counts(name, sid, entry, attrs, n, kds.shape[0], problems)
+    _check_layout(name, ds, attrs, config, problems)
+    _check_keys(name, kds, attrs, res, problems)
+    _check_failure_records(f, name, entry, attrs, problems)
+    res.readable = _check_rows(name, ds, 0 if intact else n, problems)
+    res.settings = {k: v for k, v in attrs.items() if k not in PER_SHARD_ATTRS}
+
+
+def _check_row_counts(name: str, sid: int | None, entry: dict | None, attrs: dict, n: int,
+                      nkeys: int, problems: list[str]) -> None:
+    """Keys, the num_rows attribute and manifest entry, the shard_id attribute: against ``n``
+    rows and the file name."""
+    if nkeys != n:
+        problems.append(f"{name}: {nkeys} keys for {n} feature rows")
     if "num_rows" in attrs and int(attrs["num_rows"]) != n:
         problems.append(f"{name}: attribute num_rows={attrs['num_rows']} but {n} rows")
     if entry is not None and int(entry.get("num_rows", -1)) != n:
@@ -211,6 +220,12 @@ def _check_contents(f, name: str, sid: int | None, entry: dict | None, config: d
     if sid is not None and "shard_id" in attrs and int(attrs["shard_id"]) != sid:
         problems.append(f"{name}: attribute shard_id={attrs['shard_id']} does not match "
                         "the file name")
+
+
+def _check_layout(name: str, ds, attrs: dict, config: dict, problems: list[str]) -> None:
+    """Tokens, hidden size and dtype of the features against the attributes and config."""
+    import numpy as np
+
     tokens, hidden = int(ds.shape[1]), int(ds.shape[2])
     dtype_name = {np.dtype("float16"): "float16", np.dtype("float32"): "float32"}.get(
         ds.dtype, str(ds.dtype))
@@ -225,20 +240,24 @@ def _check_contents(f, name: str, sid: int | None, entry: dict | None, config: d
     if dtype_name not in STORE_DTYPES:
         problems.append(f"{name}: features dtype {ds.dtype} is not float16/float32")
 
-    # keys
+
+def _check_keys(name: str, kds, attrs: dict, res: _ShardResult, problems: list[str]) -> None:
+    """Keys readable and matching their checksum; their hashes into ``res``."""
     try:
         raw_keys = [r if isinstance(r, bytes) else key_bytes(r) for r in kds[...]]
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         problems.append(f"{name}: keys unreadable ({_first_line(err)})")
-        raw_keys = []
-    else:
-        want = attrs.get("keys_sha256")
-        if want is not None and seq_sha256(raw_keys) != want:
-            problems.append(f"{name}: keys checksum mismatch (keys changed since the "
-                            "shard was written); delete it and rerun to redo it")
-        res.hashes = [key_hash(r) for r in raw_keys]
+        return
+    want = attrs.get("keys_sha256")
+    if want is not None and seq_sha256(raw_keys) != want:
+        problems.append(f"{name}: keys checksum mismatch (keys changed since the "
+                        "shard was written); delete it and rerun to redo it")
+    res.hashes = [key_hash(r) for r in raw_keys]
 
-    # failures
+
+def _check_failure_records(f, name: str, entry: dict | None, attrs: dict,
+                           problems: list[str]) -> None:
+    """Failure records well-formed, matching their checksum and the recorded counts."""
     nfail = 0
     if "failures" in f:
         try:
@@ -261,12 +280,19 @@ def _check_contents(f, name: str, sid: int | None, entry: dict | None, config: d
         problems.append(f"{name}: {nfail} failure records but manifest.json lists "
                         f"{entry.get('num_failures')}")
 
-    # features: readable and finite, in memory-bounded blocks
-    row_bytes = max(tokens * hidden * ds.dtype.itemsize, 1)
+
+def _check_rows(name: str, ds, scan: int, problems: list[str]) -> bool:
+    """The first ``scan`` feature rows readable and finite, in memory-bounded blocks;
+    False if a block could not be read."""
+    import numpy as np
+    import torch
+
+    n = int(ds.shape[0])
+    row_bytes = max(int(ds.shape[1]) * int(ds.shape[2]) * ds.dtype.itemsize, 1)
     block = max(1, BLOCK_BYTES // row_bytes)
     bad_rows: list[int] = []
     readable = True
-    for start in range(0, 0 if intact else n, block):
+    for start in range(0, scan, block):
         stop = min(n, start + block)
         try:
             data = np.ascontiguousarray(ds[start:stop])
@@ -285,8 +311,7 @@ def _check_contents(f, name: str, sid: int | None, entry: dict | None, config: d
         listed = ", ".join(str(r) for r in bad_rows[:MAX_LISTED])
         problems.append(f"{name}: NaN/Inf in {len(bad_rows)} rows ({listed}"
                         f"{', ...' if len(bad_rows) > MAX_LISTED else ''})")
-    res.readable = readable
-    res.settings = {k: v for k, v in attrs.items() if k not in PER_SHARD_ATTRS}
+    return readable
 
 
 def _check_settings(results: list[_ShardResult], config: dict, problems: list[str]) -> None:
@@ -437,6 +462,72 @@ def _sample(out: Path, report: VerifyReport, entries: list[dict], config: dict, 
     report.max_sample_error = worst
 
 
+def _manifest_entries(out: Path, man: dict, problems: list[str]) -> list[dict]:
+    """The manifest's shard entries that are well-formed, listed once and on disk."""
+    entries: list[dict] = []
+    seen: set[str] = set()
+    for e in man["shards"]:
+        if not isinstance(e, dict) or "file" not in e or "num_rows" not in e:
+            problems.append(f"{MANIFEST}: bad shard entry {e!r}")
+            continue
+        if e["file"] in seen:
+            problems.append(f"{MANIFEST}: {e['file']} listed twice")
+            continue
+        seen.add(e["file"])
+        if parse_shard_id(e["file"]) is None:
+            problems.append(f"{MANIFEST}: {e['file']!r} is not a shard file name")
+            continue
+        if not (out / e["file"]).is_file():
+            problems.append(f"{e['file']}: listed in {MANIFEST} but missing; rerun the "
+                            "extract command to redo it")
+            continue
+        entries.append(e)
+    return entries
+
+
+def _check_manifest_listing(man: dict, on_disk: dict[int, Path], complete: bool,
+                            report: VerifyReport) -> list[str]:
+    """Finished shards the manifest does not list (returned), and its recorded totals."""
+    listed = {e["file"] for e in man["shards"] if isinstance(e, dict) and "file" in e}
+    stray = [p.name for p in on_disk.values() if p.name not in listed]
+    for name in stray:
+        msg = (f"{name}: finished shard not listed in {MANIFEST}; rerun the extract "
+               "command to resume, which lists it")
+        (report.problems if complete else report.notes).append(msg)
+    totals = {
+        "num_images": sum(int(e["num_rows"]) for e in man["shards"] if isinstance(e, dict)
+                          and "num_rows" in e),
+        "num_shards": len(man["shards"]),
+    }
+    for k, v in totals.items():
+        if k in man and int(man[k]) != v:
+            report.problems.append(f"{MANIFEST}: {k}={man[k]} but its shard list adds up to {v}")
+    return stray
+
+
+def _note_unfinished(out: Path, man: dict | None, complete: bool, entries: list[dict],
+                     report: VerifyReport) -> None:
+    """Notes on leftovers of an interrupted run, an incomplete store, a stale key index."""
+    partials = [p for p in os.listdir(out)
+                if p.startswith(SHARD_PREFIX) and p.endswith(PARTIAL_SUFFIX)]
+    if partials:
+        report.notes.append(f"{len(partials)} unfinished shard(s) (*{PARTIAL_SUFFIX}) from an "
+                            "interrupted run; the next extract run removes them")
+    if man is None:
+        return
+    if not complete:
+        total = planned_chunks(out, man.get("plan") or {})
+        report.notes.append(
+            "store is incomplete: " + (f"{len(entries)} of {total} shards finished; "
+                                       if total is not None else "")
+            + "rerun the extract command to finish it")
+    else:
+        shards = [ShardInfo.from_manifest(e) for e in entries]
+        if len(shards) == len(man["shards"]) and load_index(out, shards) is None:
+            report.notes.append("key index missing or stale: FeatureStore will read the "
+                                "keys of every shard when it opens")
+
+
 def verify_store(
     out_dir: str | os.PathLike,
     *,
@@ -462,45 +553,15 @@ def verify_store(
     complete = bool((man or {}).get("complete"))
     on_disk = list_shard_files(out)
 
-    entries: list[dict] = []
     if man is not None:
-        seen: set[str] = set()
-        for e in man["shards"]:
-            if not isinstance(e, dict) or "file" not in e or "num_rows" not in e:
-                problems.append(f"{MANIFEST}: bad shard entry {e!r}")
-                continue
-            if e["file"] in seen:
-                problems.append(f"{MANIFEST}: {e['file']} listed twice")
-                continue
-            seen.add(e["file"])
-            if parse_shard_id(e["file"]) is None:
-                problems.append(f"{MANIFEST}: {e['file']!r} is not a shard file name")
-                continue
-            if not (out / e["file"]).is_file():
-                problems.append(f"{e['file']}: listed in {MANIFEST} but missing; rerun the "
-                                "extract command to redo it")
-                continue
-            entries.append(e)
-        listed = {e["file"] for e in man["shards"] if isinstance(e, dict) and "file" in e}
-        stray = [p.name for p in on_disk.values() if p.name not in listed]
-        for name in stray:
-            msg = (f"{name}: finished shard not listed in {MANIFEST}; rerun the extract "
-                   "command to resume, which lists it")
-            (problems if complete else report.notes).append(msg)
-        totals = {
-            "num_images": sum(int(e["num_rows"]) for e in man["shards"] if isinstance(e, dict)
-                              and "num_rows" in e),
-            "num_shards": len(man["shards"]),
-        }
-        for k, v in totals.items():
-            if k in man and int(man[k]) != v:
-                problems.append(f"{MANIFEST}: {k}={man[k]} but its shard list adds up to {v}")
+        entries = _manifest_entries(out, man, problems)
+        stray = _check_manifest_listing(man, on_disk, complete, report)
+        names = [e["file"] for e in entries] + stray
     else:
-        stray = []
+        entries = []
+        names = [p.name for p in on_disk.values()]
 
     by_name = {e["file"]: e for e in entries}
-    names = [e["file"] for e in entries] + stray if man is not None else [
-        p.name for p in on_disk.values()]
     results: list[_ShardResult] = []
     for name in names:
         res = _check_shard(out, name, by_name.get(name), config, problems)
@@ -510,24 +571,7 @@ def verify_store(
     _check_settings(results, config, problems)
     _check_duplicates(out, results, problems)
     _check_failures_file(out, man, problems)
-
-    partials = [p for p in os.listdir(out)
-                if p.startswith(SHARD_PREFIX) and p.endswith(PARTIAL_SUFFIX)]
-    if partials:
-        report.notes.append(f"{len(partials)} unfinished shard(s) (*{PARTIAL_SUFFIX}) from an "
-                            "interrupted run; the next extract run removes them")
-    if man is not None:
-        if not complete:
-            total = planned_chunks(out, man.get("plan") or {})
-            report.notes.append(
-                "store is incomplete: " + (f"{len(entries)} of {total} shards finished; "
-                                           if total is not None else "")
-                + "rerun the extract command to finish it")
-        else:
-            shards = [ShardInfo.from_manifest(e) for e in entries]
-            if len(shards) == len(man["shards"]) and load_index(out, shards) is None:
-                report.notes.append("key index missing or stale: FeatureStore will read the "
-                                    "keys of every shard when it opens")
+    _note_unfinished(out, man, complete, entries, report)
 
     if model and sample > 0:
         if man is None:
