@@ -119,7 +119,7 @@ def test_flipped_byte_anywhere(tmp_path, where):
 
 
 def test_checksum_block_matches_an_independent_hash(tmp_path):
-    """Format 2: sha256 of the XXH3-128 digests of the file's 1 MiB blocks after byte 512
+    """Format 2: sha256 of the XXH3-128 digests of the file's 8 MiB blocks after byte 512
     (one shard here spans several blocks, the rows hashed while written)."""
     import hashlib
 
@@ -129,24 +129,25 @@ def test_checksum_block_matches_an_independent_hash(tmp_path):
 
     make_store(tmp_path)
     rng = np.random.default_rng(1)
-    with ShardWriter(tmp_path, 7, tokens=64, hidden=256, store_dtype="float32",
+    with ShardWriter(tmp_path, 7, tokens=256, hidden=256, store_dtype="float32",
                      attrs={"model": "m"}) as w:
-        w.append([f"big{i}" for i in range(40)],
-                 rng.standard_normal((40, 64, 256)).astype(np.float32))
+        for start in (0, 30):  # 256 KiB rows: 70 rows span three 8 MiB blocks
+            w.append([f"big{start + i}" for i in range(40 if start else 30)],
+                     rng.standard_normal((40 if start else 30, 256, 256)).astype(np.float32))
         big = w.commit()
     man = json.loads((tmp_path / "manifest.json").read_text())
     man["shards"].append(big.to_manifest())
     man = json.loads((tmp_path / "manifest.json").read_text())
     for entry in man["shards"]:
         data = (tmp_path / entry["file"]).read_bytes()
-        assert store_mod.CHECKSUM_KIND == "xxh3_128-1MiB-tree"
-        block = 1024 * 1024
+        assert store_mod.CHECKSUM_KIND == "xxh3_128-8MiB-tree"
+        block = 8 * 1024 * 1024
         body = data[512:]
         digests = b"".join(xxhash.xxh3_128(body[i:i + block]).digest()
                            for i in range(0, len(body), block))
         assert entry["checksum"] == hashlib.sha256(digests).hexdigest()
         assert data.startswith(b"clipfeat-shard 1\n")
-        assert f"checksum xxh3_128-1MiB-tree {entry['checksum']}".encode() in data[:512]
+        assert f"checksum xxh3_128-8MiB-tree {entry['checksum']}".encode() in data[:512]
         assert f"bytes {len(data)}".encode() in data[:512]
         assert store_mod.shard_checksum(tmp_path / entry["file"]) == (entry["checksum"], len(data))
 
@@ -159,19 +160,19 @@ def test_multi_block_checksum(tmp_path):
     from clipfeat.store import ShardWriter, check_shard_bytes, finalize
 
     rng = np.random.default_rng(3)
-    with ShardWriter(tmp_path, 0, tokens=64, hidden=256, store_dtype="float32",
+    with ShardWriter(tmp_path, 0, tokens=256, hidden=256, store_dtype="float32",
                      attrs={"model": "m"}, expected_rows=70) as w:
-        for start in range(0, 70, 16):  # 64 KiB rows: 70 rows span five 1 MiB blocks
+        for start in range(0, 70, 16):  # 256 KiB rows: 70 rows span three 8 MiB blocks
             n = min(16, 70 - start)
             w.append([f"k{start + i}" for i in range(n)],
-                     rng.standard_normal((n, 64, 256)).astype(np.float32))
+                     rng.standard_normal((n, 256, 256)).astype(np.float32))
         info = w.commit()
-    finalize(tmp_path, meta={"tokens": 64, "hidden_size": 256, "store_dtype": "float32"},
+    finalize(tmp_path, meta={"tokens": 256, "hidden_size": 256, "store_dtype": "float32"},
              plan={}, shards=[info], complete=True)
     path = tmp_path / "shard-000000.h5"
-    assert path.stat().st_size > 4 * 1024 * 1024
+    assert path.stat().st_size > 16 * 1024 * 1024
     assert check_shard_bytes(path) is None and verify_store(tmp_path).ok
-    for offset in (700_000, path.stat().st_size - 3000):
+    for offset in (700_000, 9_000_000, path.stat().st_size - 3000):
         _flip(path, offset)
         assert check_shard_bytes(path) is not None
         assert problems_about(verify_store(tmp_path), "shard-000000.h5")

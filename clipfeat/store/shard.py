@@ -206,7 +206,7 @@ class ShardWriter:
             self._features = create_rows_dataset(self._file, "features", self.tokens,
                                                  self.hidden, STORE_DTYPES[self.store_dtype])
             self._space = RowSpace(self._features, self._row_bytes)
-            self._hasher = BlockHasher(self._raw.fileno())
+            self._hasher = BlockHasher()
         except OSError as err:
             self._fail(err)
         self._check_io()
@@ -290,8 +290,9 @@ class ShardWriter:
             return
         fd = self._raw.fileno()
         for i, off, n in runs:
-            pwrite_all(fd, memoryview(data[i:i + n]).cast("B"), off)
-            self._hasher.written(off, n * self._row_bytes)
+            view = memoryview(data[i:i + n]).cast("B")
+            pwrite_all(fd, view, off)
+            self._hasher.feed(off, view)
 
     def _convert_checked(self, arr, keys: list[str]):
         """``arr`` in the store dtype, after checking every value fits (fast path: one
@@ -429,26 +430,19 @@ class ShardWriter:
         syncing = threading.Thread(target=sync, name="clipfeat-fsync", daemon=True)
         syncing.start()
         try:
-            known = self._hasher.digests() if self._hasher is not None else {}
+            known = self._hasher.digests if self._hasher is not None else {}
             result = hash_fd(fd, USERBLOCK, known=known)
         finally:
             syncing.join()
-            self._stop_hashing()
         if failed:
             raise failed[0]
         return result
-
-    def _stop_hashing(self) -> None:
-        hasher, self._hasher = self._hasher, None
-        if hasher is not None:
-            hasher.close()
 
     def abort(self) -> None:
         """Close and remove the partial file. Never raises."""
         if self._state == "committed":
             return
         self._state = "aborted"
-        self._stop_hashing()
         f, self._file, self._features = self._file, None, None
         raw, self._raw = self._raw, None
         if raw is not None:
