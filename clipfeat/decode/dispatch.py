@@ -256,7 +256,12 @@ class Dispatch:
             return
         # The decoder failed: this process may carry state from an earlier file, so it is
         # never reused, and the item gets one more try in a fresh process unless it had one.
-        if was_fresh or self.attempts[seq] >= 2:
+        self._fail_or_retry(w, seq, error, fresh=was_fresh)
+
+    def _fail_or_retry(self, w: WorkerProc, seq: int, error: str, *, fresh: bool) -> None:
+        """Replace ``w``; record ``error`` for ``seq`` if it already ran in a fresh process
+        (or twice), else give it to the new worker first."""
+        if fresh or self.attempts[seq] >= 2:
             self._record(seq, None, error)
             self._replace(w)
         else:
@@ -300,13 +305,7 @@ class Dispatch:
             reason = f"decoder crashed (signal {-code})"
         else:
             reason = f"decoder crashed (exit code {code})"
-        if w.done == 0 or self.attempts[seq] >= 2:
-            self._record(seq, None, reason)
-            self._replace(w)
-        else:
-            self.attempts[seq] += 1
-            self.stats.retries += 1
-            self._replace(w, first=seq)
+        self._fail_or_retry(w, seq, reason, fresh=w.done == 0)
 
     def _check_deadlines(self) -> None:
         now = time.monotonic()
