@@ -57,6 +57,7 @@ class ExtractConfig:
     strict: bool = False
     overwrite: bool = False
     allow_pickle: bool = False
+    no_lock: bool = False  # run without OUT's lock (file systems that cannot lock)
     torch_threads: int | None = None
     #: Developer knobs for tests and benchmarks: ``decode_fn`` ("module:function", a decoder
     #: with `clipfeat.decode.decode_file`'s signature), ``queue_bytes`` (the budget of

@@ -92,13 +92,16 @@ def _extract(cfg: ExtractConfig, progress: Progress | None) -> Summary:
     from clipfeat.store import scan_shards
 
     t0 = time.perf_counter()
-    prep = prepare(cfg)
-    out = prep.out
+    cfg.validate()
+    out = Path(cfg.out).expanduser()
+    _check_out(out)
+    rank, world, _ = distributed.env_world()
+    lock = _lock(cfg, out, rank)  # before anything slow: a locked OUT is refused at once
     feed: DecodeFeed | None = None
     dist = None
     try:
+        prep = prepare(cfg)
         plan = None
-        rank, world, _ = distributed.env_world()
         if rank == 0:
             plan = extend(prep.existing_plan, prep.items, shard_size=cfg.shard_size,
                           sources=prep.settings.sources, identity=prep.settings.identity())
@@ -117,8 +120,14 @@ def _extract(cfg: ExtractConfig, progress: Progress | None) -> Summary:
         run = Run(cfg, out, device, settings, prep.spec, _load_tower(prep, device, settings))
         t_loaded = time.perf_counter()
         if dist.is_main:
+            if lock is not None:
+                lock.acquire()  # a new OUT: created here, under the lock
             _write_plan(out, plan, overwrite=cfg.overwrite)
         dist.barrier()
+        if not dist.is_main and not cfg.no_lock:
+            from clipfeat.store.lock import check_same_job
+
+            check_same_job(out)
         if plan is None:
             plan = load_plan(out)
         summary = Summary(out=str(out), planned=len(plan.items), rank=dist.rank, world=dist.world)
@@ -139,11 +148,29 @@ def _extract(cfg: ExtractConfig, progress: Progress | None) -> Summary:
             feed.close()
         if dist is not None:
             dist.close()
+        if lock is not None:
+            lock.release()
     summary.seconds = time.perf_counter() - t0
     summary.stats.setdefault("seconds", {}).update(
         prepare=round(t_prepared - t0, 3), model_load=round(t_loaded - t_load, 3)
     )
     return summary
+
+
+def _lock(cfg: ExtractConfig, out: Path, rank: int) -> Any:
+    """OUT's lock for rank 0 (None with --no-lock and for the other ranks, which check the
+    holder instead). An existing OUT is locked at once, so that a second run is refused
+    before it loads anything; a new one when it is created."""
+    from clipfeat.store import META_DIR, OutLock
+
+    if cfg.no_lock or rank != 0:
+        if cfg.no_lock and rank == 0:
+            logger.warning("--no-lock: %s is not locked; no other clipfeat may write there", out)
+        return None
+    lock = OutLock(out)
+    if (out / META_DIR).is_dir():
+        lock.acquire()
+    return lock
 
 
 # --------------------------------------------------------------------------- 1. prepare
@@ -292,7 +319,14 @@ def _wipe(out: Path) -> None:
     """--overwrite: remove what clipfeat wrote (and nothing else)."""
     import shutil
 
-    from clipfeat.store import FAILURES, MANIFEST, META_DIR, PARTIAL_SUFFIX, list_shard_files
+    from clipfeat.store import (
+        FAILURES,
+        LOCK_FILE,
+        MANIFEST,
+        META_DIR,
+        PARTIAL_SUFFIX,
+        list_shard_files,
+    )
 
     for p in list_shard_files(out).values():
         p.unlink()
@@ -300,7 +334,13 @@ def _wipe(out: Path) -> None:
         p.unlink()
     for name in (MANIFEST, FAILURES):
         (out / name).unlink(missing_ok=True)
-    shutil.rmtree(out / META_DIR, ignore_errors=True)
+    for entry in (out / META_DIR).glob("*"):  # all but the lock this run holds
+        if entry.name == LOCK_FILE:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- 5. finalize

@@ -46,6 +46,7 @@ from clipfeat.store.keys import json_line, key_bytes, key_hash, key_str, seq_sha
 from clipfeat.store.layout import (
     FAILURES,
     INDEX_FILE,
+    LOCK_FILE,
     MANIFEST,
     META_DIR,
     PARTIAL_SUFFIX,
@@ -58,6 +59,7 @@ from clipfeat.store.layout import (
     remove_partials,
     shard_name,
 )
+from clipfeat.store.lock import OutLock
 from clipfeat.store.manifest import finalize, read_manifest
 from clipfeat.store.reader import FeatureStore
 from clipfeat.store.shard import (
@@ -70,7 +72,7 @@ from clipfeat.store.shard import (
 
 __all__ = [
     "CHECKSUM_KIND", "FAILURES", "FLOAT16_MAX", "FLOAT32_MAX", "FORMAT_VERSION", "FeatureStore",
-    "INDEX_FILE", "MANIFEST", "META_DIR", "PARTIAL_SUFFIX", "PER_SHARD_ATTRS", "PLAN_FILE",
+    "INDEX_FILE", "LOCK_FILE", "MANIFEST", "META_DIR", "OutLock", "PARTIAL_SUFFIX", "PER_SHARD_ATTRS", "PLAN_FILE",
     "RESERVED_ATTRS", "SHARD_PREFIX", "SHARD_SUFFIX", "STORE_DTYPES", "ShardInfo", "ShardWriter",
     "USERBLOCK", "atomic_write_json", "atomic_write_lines", "check_shard_bytes", "decode_attr",
     "describe_store", "encode_attr", "failure_reason", "finalize", "format_store", "is_store",

@@ -18,6 +18,7 @@ FAILURES = "failures.jsonl"
 META_DIR = ".clipfeat"
 PLAN_FILE = "plan.jsonl"
 INDEX_FILE = "index.json"
+LOCK_FILE = "lock"  # in META_DIR: who is writing OUT (store.lock)
 INDEX_FORMAT = "clipfeat-index"
 
 
