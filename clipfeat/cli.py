@@ -174,6 +174,7 @@ def extract(
     decode_timeout: float = typer.Option(_DEFAULTS.decode_timeout, "--decode-timeout", help="Seconds before a stuck decode is abandoned and recorded."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an OUT made with other settings."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights; only for trusted checkpoints."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Redo finished shards whose failures were timeouts, crashes or out-of-memory (not bad files)."),
     no_lock: bool = typer.Option(False, "--no-lock", help="Do not lock OUT (file systems without locks; then never run two extracts into one OUT)."),
     strict: bool = typer.Option(False, "--strict", help="Exit 1 if any input failed."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
@@ -209,6 +210,7 @@ def extract(
             overwrite=overwrite,
             allow_pickle=allow_pickle,
             no_lock=no_lock,
+            retry_failed=retry_failed,
         ).validate()
     except ClipfeatError as err:
         _fail(err)

@@ -307,7 +307,8 @@ def misbehaving_decode(path: str, spec: Any, aspect: str, exif_transpose: bool,
     ``os._exit(3)``; ``__hang__``: sleeps 30 s first; ``__raise__``: always raises;
     ``__stateful__``: raises unless it is the first file this process decodes (like Pillow
     state left behind by a broken file: it must succeed when retried in a fresh process);
-    ``__mark__``: leaves an empty file ``<path>.<pid>.<n>`` behind for each decode.
+    ``__mark__``: leaves an empty file ``<path>.<pid>.<n>`` behind for each decode;
+    ``__hangonce__``: sleeps 30 s the first time (it leaves ``<path>.hung``), then decodes.
     """
     import signal
     import time
@@ -326,6 +327,9 @@ def misbehaving_decode(path: str, spec: Any, aspect: str, exif_transpose: bool,
     if "__hang__" in name:
         time.sleep(30)  # far beyond the tests' timeouts; ends by itself if a bug lets it
         return decode_file(path, spec, aspect, exif_transpose, max_pixels)
+    if "__hangonce__" in name and not os.path.exists(path + ".hung"):
+        open(path + ".hung", "w").close()
+        time.sleep(30)
     if "__raise__" in name:
         raise OSError("simulated broken file")
     if "__stateful__" in name and not first:

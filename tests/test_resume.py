@@ -29,6 +29,7 @@ import imagegen
 import numpy as np
 import pytest
 from llava_reference import LlavaReference
+from PIL import Image
 from stores import read_failures, read_shards, shard_files
 from typer.testing import CliRunner
 
@@ -595,3 +596,44 @@ def test_signals_and_sigkill_then_rerun_equals_uninterrupted_run(tmp_path, tree,
     finally:
         for p in procs:
             p.cleanup()
+
+
+# --------------------------------------------------------------------------- --retry-failed
+
+
+def test_retry_failed_redoes_only_chunks_with_timeouts(tmp_path, clip_full_dir, caplog):
+    """An image that timed out once (a stopped or overloaded worker) is not a bad file: a
+    rerun says so, and --retry-failed redoes its chunk; other shards stay byte for byte."""
+    import logging
+
+    import clipfeat
+    from clipfeat.store import FeatureStore
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    rng = np.random.default_rng(4)
+    names = ["a.png", "b.png", "c__hangonce__.png", "d.png", "e.png"]
+    for name in names:
+        Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(root / name)
+    common = dict(roots=[str(root)], out=str(tmp_path / "out"), model=str(clip_full_dir),
+                  device="cpu", workers=1, shard_size=2, decode_timeout=3,
+                  extra={"decode_fn": "imagegen:misbehaving_decode"})
+    first = clipfeat.extract(**common)
+    assert first.failed == 1 and first.complete
+    fails = [json.loads(x) for x in (tmp_path / "out" / "failures.jsonl").read_text().splitlines()]
+    assert [f["key"] for f in fails] == ["c__hangonce__.png"]
+    assert fails[0]["error"].startswith("decode timed out")
+    kept = {p.name: p.read_bytes() for p in (tmp_path / "out").glob("shard-*.h5")}
+
+    with caplog.at_level(logging.WARNING):
+        again = clipfeat.extract(**common)
+    assert again.extracted == 0 and "--retry-failed" in caplog.text
+
+    retried = clipfeat.extract(**common, retry_failed=True)
+    assert retried.extracted == 2 and retried.failed == 0 and retried.complete
+    assert (tmp_path / "out" / "failures.jsonl").read_text() == ""
+    store = FeatureStore(tmp_path / "out")
+    assert sorted(store.keys()) == sorted(names)
+    for name, data in kept.items():
+        if name != "shard-000001.h5":  # the chunk of c and d was redone
+            assert (tmp_path / "out" / name).read_bytes() == data, name

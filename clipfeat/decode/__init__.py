@@ -22,7 +22,7 @@ processes), `worker` (the child side), `slots` (the shared memory), `result`.
 
 from clipfeat.config import default_workers
 from clipfeat.decode.pool import DecodePool
-from clipfeat.decode.result import DecodeResult, DecodeStats
+from clipfeat.decode.result import DecodeResult, DecodeStats, is_transient
 from clipfeat.decode.worker import decode_file, describe_error, keep_heap
 
 __all__ = [
@@ -32,5 +32,6 @@ __all__ = [
     "decode_file",
     "default_workers",
     "describe_error",
+    "is_transient",
     "keep_heap",
 ]

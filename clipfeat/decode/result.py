@@ -37,3 +37,13 @@ class DecodeStats:
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
+
+
+#: Failure reasons that say nothing about the file itself (the decoder ran out of time or
+#: memory, or its process died): worth another try (``clipfeat extract --retry-failed``).
+TRANSIENT_PREFIXES = ("decode timed out", "decoder crashed", "out of memory")
+
+
+def is_transient(error: str) -> bool:
+    """True for a failure another attempt may not repeat (see TRANSIENT_PREFIXES)."""
+    return str(error).startswith(TRANSIENT_PREFIXES)

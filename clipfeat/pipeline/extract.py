@@ -89,7 +89,6 @@ def extract(
 def _extract(cfg: ExtractConfig, progress: Progress | None) -> Summary:
     from clipfeat import distributed
     from clipfeat.plan import extend, load_plan
-    from clipfeat.store import scan_shards
 
     t0 = time.perf_counter()
     cfg.validate()
@@ -107,7 +106,7 @@ def _extract(cfg: ExtractConfig, progress: Progress | None) -> Summary:
                           sources=prep.settings.sources, identity=prep.settings.identity())
         if world == 1:
             # Start decoding now: the workers get going while torch and the model load.
-            finished = {} if cfg.overwrite or not out.is_dir() else scan_shards(out)
+            finished = {} if cfg.overwrite or not out.is_dir() else _finished(cfg, out)
             feed = DecodeFeed(cfg, prep.spec, plan,
                               [c for c in plan.chunks if c.id not in finished])
         device, settings = settle(prep)  # imports torch; may still refuse (nothing written)
@@ -131,7 +130,7 @@ def _extract(cfg: ExtractConfig, progress: Progress | None) -> Summary:
         if plan is None:
             plan = load_plan(out)
         summary = Summary(out=str(out), planned=len(plan.items), rank=dist.rank, world=dist.world)
-        finished = scan_shards(out)
+        finished = _finished(cfg, out, announce=dist.is_main)
         todo_all = [c for c in plan.chunks if c.id not in finished]
         mine = [c for c in todo_all if dist.mine(c.id)]
         summary.skipped = sum(len(c) for c in plan.chunks if c.id in finished)
@@ -171,6 +170,28 @@ def _lock(cfg: ExtractConfig, out: Path, rank: int) -> Any:
     if (out / META_DIR).is_dir():
         lock.acquire()
     return lock
+
+
+def _finished(cfg: ExtractConfig, out: Path, *, announce: bool = False) -> dict[int, Any]:
+    """The finished shards to keep, by id. With --retry-failed, a shard whose chunk has
+    transient failures (timeouts, crashes) is not kept: its chunk is redone and its new
+    shard replaces it when committed. Without it, those failures are counted in a notice."""
+    from clipfeat.decode import is_transient
+    from clipfeat.store import scan_shards
+
+    shards = scan_shards(out)
+    retry = {sid: sum(is_transient(f.get("error", "")) for f in info.failures)
+             for sid, info in shards.items()}
+    retry = {sid: n for sid, n in retry.items() if n}
+    if retry and cfg.retry_failed:
+        if announce:
+            logger.warning("--retry-failed: redoing %d shard(s) for %d image(s) that timed out "
+                           "or crashed", len(retry), sum(retry.values()))
+        return {sid: info for sid, info in shards.items() if sid not in retry}
+    if retry and announce:
+        logger.warning("%d image(s) in %s failed by a timeout or crash, not for their content: "
+                       "rerun with --retry-failed to try them again", sum(retry.values()), out)
+    return shards
 
 
 # --------------------------------------------------------------------------- 1. prepare
