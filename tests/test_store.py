@@ -706,3 +706,39 @@ def test_features_are_early_allocated_unfilled_one_row_chunks(tmp_path):
             assert plist.get_fill_time() == h5py.h5d.FILL_TIME_NEVER
             assert f.attrs["format_version"] == store_mod.FORMAT_VERSION == 2
             assert ds.id.get_num_chunks() == ds.shape[0]
+
+
+def test_real_disk_full_on_a_tmpfs(tmp_path):
+    """A real ENOSPC while rows are written with os.pwrite: one line, the partial file gone,
+    and a process that exits cleanly (HDF5 holds no dirty metadata to retry at exit)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        code = textwrap.dedent(f"""
+            import os, numpy as np
+            from clipfeat.store import ShardWriter
+            from clipfeat.errors import ExtractionError
+            try:
+                with ShardWriter({str(mnt)!r}, 0, tokens=256, hidden=512,
+                                 store_dtype="float32", attrs={{"m": 1}}) as w:
+                    for i in range(40):  # 512 KiB rows: the 8 MiB disk fills up
+                        w.append([f"k{{i}}"], np.ones((1, 256, 512), np.float32))
+                    w.commit()
+            except ExtractionError as err:
+                print("ERR", err)
+            print("LEFT", sorted(os.listdir({str(mnt)!r})))
+        """)
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert "HDF5" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        lines = proc.stdout.splitlines()
+        assert lines[0].startswith("ERR disk full (ENOSPC) while writing ")
+        assert lines[0].endswith("shard-000000.h5.partial: free space and rerun the same "
+                                 "command to resume")
+        assert lines[1] == "LEFT []"
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
