@@ -294,3 +294,26 @@ def test_reused_pixel_slots_give_the_rows_of_in_process_decoding(tmp_path, clip_
     for key, row in rows_b.items():
         np.testing.assert_array_equal(rows_a[key], row, err_msg=key)
     assert len({row.tobytes() for row in rows_a.values()}) == 40  # 40 different images
+
+
+def test_a_refused_settings_change_names_each_field_briefly(tmp_path, images, clip_full_dir):
+    """The refusal names each differing field, old -> new, nested preprocessing fields by
+    their own names: not a dump of two whole preprocessing dicts."""
+    import shutil
+
+    root = next(iter(images.values())).parent
+    out = tmp_path / "out"
+    model = tmp_path / "model"
+    shutil.copytree(clip_full_dir, model)
+    args = ["extract", str(root), "--out", str(out), "--model", str(model), "--device", "cpu",
+            "--workers", "0", "--quiet"]
+    assert runner.invoke(app, args).exit_code == 0
+    pp = json.loads((model / "preprocessor_config.json").read_text())
+    pp["image_mean"] = [0.5, 0.5, 0.5]
+    (model / "preprocessor_config.json").write_text(json.dumps(pp))
+    res = runner.invoke(app, args + ["--layer", "-1"])
+    assert res.exit_code == 2, res.output
+    msg = res.stderr.strip()
+    assert "layer: -2 in OUT -> -1 now" in msg
+    assert "preprocessing.mean: " in msg and "-> [0.5, 0.5, 0.5] now" in msg
+    assert "preprocessing.std" not in msg and len(msg) < 600, msg

@@ -100,7 +100,25 @@ class RunSettings:
         return {name: getattr(self, name) for name in IDENTITY_FIELDS}
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (dicts only; other values as they are)."""
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        name = f"{prefix}.{k}" if prefix else str(k)
+        out.update(_flat(v, name) if isinstance(v, dict) and v else {name: v})
+    return out
+
+
 def identity_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """``field: old in OUT, new now`` for each setting that differs."""
-    return [f"{k}: {old.get(k)!r} in OUT, {new.get(k)!r} now"
-            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    """``field: old -> new`` for each setting that differs, nested settings (preprocessing,
+    sources) by their own fields, each value cut to a few dozen characters."""
+    a, b = _flat(old), _flat(new)
+    return [f"{k}: {_short(a.get(k))} in OUT -> {_short(b.get(k))} now"
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
