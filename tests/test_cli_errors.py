@@ -12,6 +12,7 @@ from pathlib import Path
 
 import imagegen
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from clipfeat.cli import app
@@ -223,3 +224,40 @@ def test_version_and_bare_command():
     assert res.exit_code == 0 and res.stdout.strip() == clipfeat.__version__
     res = CliRunner().invoke(_app, [])
     assert res.exit_code == 2 and "extract" in res.output
+
+
+@pytest.mark.parametrize("case", ["empty", "only-txt", "ext-txt", "llava-text-only",
+                                  "files-from-empty"])
+def test_nothing_to_extract_is_a_usage_error_before_the_model_loads(tmp_path, clip_full_dir,
+                                                                    monkeypatch, case):
+    import clipfeat.tower
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(clipfeat.tower, "load_tower", no_load)
+    root = tmp_path / "root"
+    root.mkdir()
+    out = tmp_path / "out"
+    inputs = [str(root)]
+    if case == "only-txt":
+        (root / "notes.txt").write_text("no image")
+    elif case == "ext-txt":
+        Image.new("RGB", (8, 8)).save(root / "a.png")
+        inputs += ["--ext", "txt"]
+    elif case == "llava-text-only":
+        data = tmp_path / "train.json"
+        data.write_text(json.dumps([{"id": "1", "conversations": []}]))
+        inputs = ["--llava-json", str(data), "--image-folder", str(root)]
+    elif case == "files-from-empty":
+        (tmp_path / "list.txt").write_text("")
+        inputs += ["--files-from", str(tmp_path / "list.txt")]
+    res = CliRunner().invoke(app, ["extract", *inputs, "--out", str(out), "--model",
+                                   str(clip_full_dir), "--device", "cpu"])
+    assert res.exit_code == 2, res.output
+    line = res.stderr.strip()
+    assert "\n" not in line, line
+    assert "nothing to extract" in line or "holds no file" in line, line
+    if case in ("empty", "only-txt", "ext-txt"):
+        assert str(root) in line and ("txt" if case == "ext-txt" else "jpg") in line
+    assert not out.exists()

@@ -226,22 +226,25 @@ def prepare(cfg: ExtractConfig) -> Prepared:
     spec = PreprocessSpec.from_processor_config(
         ref.preprocessor_config, family=ref.family, image_size=ref.image_size
     )
-    items, exts = _gather_items(cfg, out, scan=distributed.env_world()[0] == 0)
+    scan = distributed.env_world()[0] == 0
+    items, exts = _gather_items(cfg, out, scan=scan)
     settings = RunSettings.of(cfg, ref, spec, source_record(cfg, exts))
     plan = None
     if not cfg.overwrite:
         plan = load_plan(out) if out.is_dir() else None
-        if plan is not None:
-            if plan.shard_size != cfg.shard_size:
-                raise ConfigError(
-                    f"--shard-size {cfg.shard_size} differs from the {plan.shard_size} "
-                    f"--out {out} was planned with: rerun with --shard-size "
-                    f"{plan.shard_size}, or --overwrite to start over"
-                )
-        elif out.is_dir() and any(out.glob("shard-*.h5")):
+    if scan and not items and (plan is None or not plan.items):
+        raise ConfigError(_nothing_to_extract(cfg, exts))
+    if plan is not None:
+        if plan.shard_size != cfg.shard_size:
             raise ConfigError(
-                f"--out {out} holds shards but no plan: use another --out, or --overwrite"
+                f"--shard-size {cfg.shard_size} differs from the {plan.shard_size} "
+                f"--out {out} was planned with: rerun with --shard-size "
+                f"{plan.shard_size}, or --overwrite to start over"
             )
+    elif not cfg.overwrite and out.is_dir() and any(out.glob("shard-*.h5")):
+        raise ConfigError(
+            f"--out {out} holds shards but no plan: use another --out, or --overwrite"
+        )
     return Prepared(cfg, out, ref, spec, settings, items, plan)
 
 
@@ -263,6 +266,18 @@ def _gather_items(cfg: ExtractConfig, out: Path, *, scan: bool = True
     if cfg.limit is not None:
         items = items[: cfg.limit]
     return items, exts
+
+
+def _nothing_to_extract(cfg: ExtractConfig, exts: tuple[str, ...]) -> str:
+    """The usage error for inputs that name no image at all."""
+    if cfg.llava_json:
+        return (f"--llava-json {cfg.llava_json} has no sample with an 'image': nothing to "
+                "extract (text-only data?)")
+    if cfg.files_from:
+        return f"--files-from {cfg.files_from} lists no path: nothing to extract"
+    roots = ", ".join(cfg.roots)
+    return (f"ROOT {roots} holds no file with a taken extension ({', '.join(exts)}): check "
+            "the folder, or pass --ext with the extensions of your images")
 
 
 def _check_out(out: Path) -> None:
