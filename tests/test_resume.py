@@ -421,8 +421,8 @@ def test_write_errors_stop_cleanly_and_a_rerun_completes(monkeypatch, tmp_path, 
     names = shard_files(out)
     if name_part == THIRD:  # shards commit in chunk order: 0 and 1 made it, nothing after
         assert names == [shard_name(0), shard_name(1)]
-    else:  # the manifest failed after the last shard
-        assert names == [shard_name(i) for i in range(N_CHUNKS)]
+    else:  # the manifest is written as the run starts (then after every shard): it failed
+        assert names == []  # before the first shard
         assert not (out / "manifest.json").exists()
     assert_shards_sound(out, "after the error")
     assert not list(out.glob("*.partial")), "a partial shard was left behind"
@@ -637,3 +637,30 @@ def test_retry_failed_redoes_only_chunks_with_timeouts(tmp_path, clip_full_dir, 
     for name, data in kept.items():
         if name != "shard-000001.h5":  # the chunk of c and d was redone
             assert (tmp_path / "out" / name).read_bytes() == data, name
+
+
+def test_a_run_stopped_early_leaves_a_readable_store(monkeypatch, tmp_path, tree, clip_full_dir):
+    """manifest.json is written as the run starts and after every shard, and again when a
+    signal stops it: FeatureStore and verify open what is finished, and say it is incomplete."""
+    import logging
+
+    from clipfeat.store import FeatureStore
+
+    root, _ = tree
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        _signal_swallowed(m)  # SIGINT at the 4th batch
+        res = runner.invoke(app, cli_args(root, out, clip_full_dir, "--workers", "0",
+                                          "--quiet", "--batch-size", "4"))
+    assert res.exit_code == 130, res.output
+    done = shard_files(out)
+    assert 0 < len(done) < N_CHUNKS
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] is False and len(manifest["shards"]) == len(done)
+    logging.getLogger("clipfeat").setLevel(logging.WARNING)
+    store = FeatureStore(out)
+    assert not store.complete and len(store) == manifest["num_images"] > 0
+    assert store[store.keys()[0]].shape == store.shape
+    res = runner.invoke(app, ["verify", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "incomplete" in res.output.lower()

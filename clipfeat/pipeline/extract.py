@@ -130,14 +130,7 @@ def _extract(cfg: ExtractConfig, progress: Progress | None) -> Summary:
         if plan is None:
             plan = load_plan(out)
         summary = Summary(out=str(out), planned=len(plan.items), rank=dist.rank, world=dist.world)
-        finished = _finished(cfg, out, announce=dist.is_main)
-        todo_all = [c for c in plan.chunks if c.id not in finished]
-        mine = [c for c in todo_all if dist.mine(c.id)]
-        summary.skipped = sum(len(c) for c in plan.chunks if c.id in finished)
-        if mine and feed is None:
-            feed = DecodeFeed(cfg, prep.spec, plan, mine)
-        if todo_all:
-            feed = run_chunks(run, plan, mine, todo_all, finished, summary, progress, dist, feed)
+        feed = _work(run, plan, dist, feed, summary, progress)
         check_signal()
         dist.barrier()
         if dist.is_main:
@@ -154,6 +147,28 @@ def _extract(cfg: ExtractConfig, progress: Progress | None) -> Summary:
         prepare=round(t_prepared - t0, 3), model_load=round(t_loaded - t_load, 3)
     )
     return summary
+
+
+def _work(run: Run, plan: Any, dist: Any, feed: DecodeFeed | None, summary: Summary,
+          progress: Progress | None) -> DecodeFeed | None:
+    """Step 4: this rank's unfinished chunks through the loop; returns the decode feed used.
+    The manifest lists the finished shards from the start, and again if the run stops."""
+    finished = _finished(run.cfg, run.out, announce=dist.is_main)
+    todo_all = [c for c in plan.chunks if c.id not in finished]
+    mine = [c for c in todo_all if dist.mine(c.id)]
+    summary.skipped = sum(len(c) for c in plan.chunks if c.id in finished)
+    if mine and feed is None:
+        feed = DecodeFeed(run.cfg, run.spec, plan, mine)
+    if not todo_all:
+        return feed
+    if dist.is_main:  # readable from the start: the shards finished so far
+        _finalize(run, plan, summary, finished=finished)
+    try:
+        return run_chunks(run, plan, mine, todo_all, finished, summary, progress, dist, feed)
+    except BaseException:
+        if dist.is_main:  # stopped or failed: list what is finished now
+            _finalize_quietly(run, plan, summary)
+        raise
 
 
 def _lock(cfg: ExtractConfig, out: Path, rank: int) -> Any:
@@ -382,10 +397,21 @@ def _wipe(out: Path) -> None:
 # --------------------------------------------------------------------------- 5. finalize
 
 
-def _finalize(run: Run, plan: Any, summary: Summary) -> None:
+def _finalize_quietly(run: Run, plan: Any, summary: Summary) -> None:
+    """`_finalize` after a stop or a failure: a second error must not hide the first."""
+    try:
+        _finalize(run, plan, summary)
+    except Exception as err:  # noqa: BLE001 - the run's own error is what the user sees
+        logger.warning("could not update the manifest of %s: %s", run.out, err)
+
+
+def _finalize(run: Run, plan: Any, summary: Summary,
+              finished: dict[int, Any] | None = None) -> None:
+    """manifest.json, failures.jsonl and (when every chunk is done) the key index, for the
+    shards in OUT now (or ``finished``)."""
     from clipfeat.store import finalize, scan_shards
 
-    shards = scan_shards(run.out)
+    shards = scan_shards(run.out) if finished is None else finished
     summary.complete = all(c.id in shards for c in plan.chunks)
     summary.total_failures = sum(s.num_failures for s in shards.values())
     finalize(run.out, meta=run.settings.shard_attrs(), plan=plan.info(), shards=shards.values(),

@@ -23,18 +23,15 @@ from clipfeat.pipeline.tuning import ThreadTuner, torch_threads
 
 logger = logging.getLogger(__name__)
 
-#: Seconds between manifest refreshes during a single-process run.
-MANIFEST_EVERY = 30.0
-
-
 def failure_record(it: Any, path: str, error: str) -> dict[str, Any]:
     """The failures.jsonl record of plan item ``it``."""
     return {"key": it.key, "path": path, "error": error, "index": it.index, "shard": it.chunk}
 
 
 class Committed:
-    """The shards finished so far (those found at start and those this run commits); in a
-    single-process run, the manifest is refreshed from them every `MANIFEST_EVERY` s."""
+    """The shards finished so far (those found at start and those this run commits); the
+    main process rewrites manifest.json and failures.jsonl after each commit, so that a run
+    stopped at any moment leaves its finished shards readable."""
 
     def __init__(self, run: Any, plan: Any, finished: dict[int, Any], summary: Any,
                  refresh: bool) -> None:
@@ -44,7 +41,6 @@ class Committed:
         self.summary = summary
         self.refresh = refresh
         self._lock = threading.Lock()
-        self._last = time.monotonic()
 
     def __call__(self, info: Any) -> None:  # from the sink's committer thread
         from clipfeat.store import finalize
@@ -52,15 +48,14 @@ class Committed:
         with self._lock:
             self.shards[info.shard_id] = info
             self.summary.shards_written += 1
-            shards = list(self.shards.values())
-        if not self.refresh or time.monotonic() - self._last <= MANIFEST_EVERY:
-            return
-        self._last = time.monotonic()
-        try:
-            finalize(self.run.out, meta=self.run.settings.shard_attrs(), plan=self.plan.info(),
-                     shards=shards, complete=False)
-        except OSError as err:  # the next commit or the final one will report it
-            logger.warning("could not update the manifest: %s", err)
+            if not self.refresh:
+                return
+            try:
+                finalize(self.run.out, meta=self.run.settings.shard_attrs(),
+                         plan=self.plan.info(), shards=list(self.shards.values()),
+                         complete=False)
+            except ExtractionError as err:  # the next commit or the final one reports it
+                logger.warning("could not update the manifest: %s", err)
 
 
 class ChunkLoop:
@@ -220,7 +215,7 @@ def run_chunks(run: Any, plan: Any, mine: list[Any], todo_all: list[Any],
         pool = feed.pool
         device = Device(run.tower, run.spec, run.device, run.settings.compute_dtype,
                         run.settings.store_dtype)
-        committed = Committed(run, plan, finished, summary, refresh=dist.world == 1)
+        committed = Committed(run, plan, finished, summary, refresh=dist.is_main)
         sink = ShardSink(run.out, run.settings.shard_attrs(), committed).start()
         loop = ChunkLoop(run=run, plan=plan, mine=mine,
                          others={c.id: len(c) for c in todo_all if not dist.mine(c.id)},
@@ -231,7 +226,7 @@ def run_chunks(run: Any, plan: Any, mine: list[Any], todo_all: list[Any],
         try:
             loop.run_all()
         except BaseException:
-            feed.stop()
+            feed.close()  # this function's feed if it made one; closing twice is harmless
             sink.stop()
             raise
         finally:

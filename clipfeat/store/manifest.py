@@ -22,7 +22,16 @@ def _shard_failures(out: Path, info: ShardInfo) -> list[dict]:
     return info.failures
 
 
-def finalize(
+def _ordered(shards: Iterable[ShardInfo]) -> list[ShardInfo]:
+    by_id: dict[int, ShardInfo] = {}
+    for info in shards:
+        if info.shard_id in by_id:
+            raise ConfigError(f"finalize: shard {info.shard_id} listed twice")
+        by_id[info.shard_id] = info
+    return [by_id[k] for k in sorted(by_id)]
+
+
+def write_manifest(
     out_dir: str | os.PathLike,
     *,
     meta: dict,
@@ -30,26 +39,11 @@ def finalize(
     shards: Iterable[ShardInfo],
     complete: bool,
 ) -> None:
-    """Write failures.jsonl, manifest.json and (when complete) the key index, each
-    atomically. Call it periodically with the shards so far and once at the end."""
+    """Write manifest.json (atomically) listing ``shards``: cheap enough to call after every
+    commit, so that the finished shards of a run stopped at any moment can be read."""
     from clipfeat import __version__
 
-    out = Path(out_dir)
-    by_id: dict[int, ShardInfo] = {}
-    for info in shards:
-        if info.shard_id in by_id:
-            raise ConfigError(f"finalize: shard {info.shard_id} listed twice")
-        by_id[info.shard_id] = info
-    ordered = [by_id[k] for k in sorted(by_id)]
-
-    def failure_lines() -> Iterator[str]:
-        for info in ordered:
-            for rec in _shard_failures(out, info):
-                yield json_line(rec)
-
-    atomic_write_lines(out / FAILURES, failure_lines())
-    if complete:
-        write_index(out, ordered)
+    ordered = _ordered(shards)
     manifest = {
         "format": "clipfeat",
         "format_version": FORMAT_VERSION,
@@ -63,7 +57,31 @@ def finalize(
         "shards": [s.to_manifest() for s in ordered],
         "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    atomic_write_json(out / MANIFEST, manifest)
+    atomic_write_json(Path(out_dir) / MANIFEST, manifest)
+
+
+def finalize(
+    out_dir: str | os.PathLike,
+    *,
+    meta: dict,
+    plan: dict,
+    shards: Iterable[ShardInfo],
+    complete: bool,
+) -> None:
+    """Write failures.jsonl, (when complete) the key index, and manifest.json, each
+    atomically: at the end of a run, or when it stops."""
+    out = Path(out_dir)
+    ordered = _ordered(shards)
+
+    def failure_lines() -> Iterator[str]:
+        for info in ordered:
+            for rec in _shard_failures(out, info):
+                yield json_line(rec)
+
+    atomic_write_lines(out / FAILURES, failure_lines())
+    if complete:
+        write_index(out, ordered)
+    write_manifest(out, meta=meta, plan=plan, shards=ordered, complete=complete)
 
 
 def read_manifest(out_dir: str | os.PathLike) -> dict:
