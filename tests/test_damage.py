@@ -4,6 +4,7 @@ reported (one line naming the file and the fix) or repaired, never trusted."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -103,3 +104,76 @@ def test_damaged_manifest_is_one_line_everywhere(tmp_path, how):
     assert any(p.startswith("manifest.json:") and "rerun the extract command" in p
                for p in report.problems), report.problems
     assert report.checked_shards == 2  # the shards are still checked
+
+
+# --------------------------------------------------------------------------- key index
+
+def _index_file(out: Path, name: str) -> Path:
+    header = json.loads((out / ".clipfeat" / "index.json").read_text())
+    return out / ".clipfeat" / header["dir"] / f"{name}.npy"
+
+
+def _swap(path: Path, i: int, j: int) -> None:
+    arr = np.load(path)
+    arr[[i, j]] = arr[[j, i]]
+    with open(path, "wb") as fh:
+        np.save(fh, arr)
+
+
+def _swap_blob(path: Path) -> None:
+    """Swap two key bytes: 's0/0.png' <-> 's0/1.png' (same lengths, different keys)."""
+    arr = np.load(path)
+    text = bytes(arr).replace(b"s0/0.png", b"s0/X.png").replace(b"s0/1.png", b"s0/0.png")
+    text = text.replace(b"s0/X.png", b"s0/1.png")
+    with open(path, "wb") as fh:
+        np.save(fh, np.frombuffer(text, dtype=np.uint8))
+
+
+@pytest.mark.parametrize("name", ["rows", "positions", "blob", "hashes"])
+def test_damaged_index_is_not_used_and_verify_names_it(tmp_path, caplog, name):
+    want = small_store(tmp_path)
+    path = _index_file(tmp_path, name)
+    if name == "blob":
+        _swap_blob(path)
+    elif name == "hashes":
+        _swap(path, 0, 4)
+    else:
+        _swap(path, 0, 1)
+    with caplog.at_level(logging.WARNING):
+        store = FeatureStore(tmp_path)
+    assert store.index_kind == "scan"
+    assert any(f"{name}.npy" in r.getMessage() and "damaged" in r.getMessage()
+               for r in caplog.records)
+    for key, row in want.items():
+        np.testing.assert_array_equal(store[key].numpy(), row, err_msg=key)
+    assert store.keys() == list(want)
+
+    report = verify_store(tmp_path)
+    assert not report.ok
+    assert any(f"{name}.npy" in p and "rerun clipfeat extract" in p for p in report.problems), (
+        report.problems)
+    res = runner.invoke(app, ["verify", str(tmp_path)])
+    assert res.exit_code == 1 and f"{name}.npy" in res.stdout
+
+
+def test_index_that_disagrees_with_the_shards_despite_its_checksums(tmp_path):
+    """The index's own checksums are rewritten to match: verify still compares it with the
+    shards' keys and row offsets."""
+    small_store(tmp_path)
+    path = _index_file(tmp_path, "rows")
+    _swap(path, 1, 2)
+    header_path = tmp_path / ".clipfeat" / "index.json"
+    header = json.loads(header_path.read_text())
+    import xxhash
+    header["checksums"]["rows"] = "xxh3_128:" + xxhash.xxh3_128(path.read_bytes()).hexdigest()
+    header_path.write_text(json.dumps(header))
+    report = verify_store(tmp_path)
+    assert any("rows.npy" in p and "disagrees with the shards" in p and "'s0/1.png'" in p
+               for p in report.problems), report.problems
+
+
+def test_sound_index_passes_and_is_used(tmp_path):
+    want = small_store(tmp_path)
+    assert verify_store(tmp_path).ok
+    store = FeatureStore(tmp_path)
+    assert store.index_kind == "array" and len(store) == len(want)
