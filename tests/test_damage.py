@@ -177,3 +177,77 @@ def test_sound_index_passes_and_is_used(tmp_path):
     assert verify_store(tmp_path).ok
     store = FeatureStore(tmp_path)
     assert store.index_kind == "array" and len(store) == len(want)
+
+
+# --------------------------------------------------------------------------- resume
+
+SHARD_SIZE = 4
+
+
+def make_tree(root: Path, n: int) -> list[str]:
+    import imagegen
+
+    keys = []
+    for i in range(n):
+        rel = f"{'ab'[i % 2]}/img{i:03d}.png"
+        imagegen.make_image(root / rel, "RGB", (14 + i % 5, 11 + i % 3), seed=i)
+        keys.append(rel)
+    return sorted(keys)
+
+
+def run_extract(root: Path, out: Path, model: Path, **kw):
+    import clipfeat
+
+    kw.setdefault("shard_size", SHARD_SIZE)
+    return clipfeat.extract(roots=[str(root)], out=str(out), model=str(model), device="cpu",
+                            dtype="float32", store_dtype="float32", batch_size=3, workers=0,
+                            **kw)
+
+
+def store_contents(out: Path) -> dict:
+    from stores import read_shards
+
+    return {name: (keys, feats.tobytes(), fails)
+            for name, (keys, feats, fails) in read_shards(out).items()}
+
+
+@pytest.fixture(scope="module")
+def ref_store(tmp_path_factory, clip_full_dir):
+    root = tmp_path_factory.mktemp("damage-tree")
+    keys = make_tree(root, 10)  # chunks of 4, 4, 2
+    out = tmp_path_factory.mktemp("damage-ref") / "out"
+    summary = run_extract(root, out, clip_full_dir)
+    assert summary.complete and summary.extracted == 10
+    return root, keys, out
+
+
+def _replace_bytes(path: Path, old: bytes, new: bytes) -> None:
+    data = path.read_bytes()
+    assert data.count(old) == 1, (path, old)
+    path.write_bytes(data.replace(old, new))
+
+
+@pytest.mark.parametrize("damage", ["key flipped", "other shard copied over it",
+                                    "not the file the manifest lists"])
+def test_rerun_redoes_a_damaged_finished_shard(tmp_path, ref_store, clip_full_dir, caplog,
+                                               damage):
+    import shutil
+
+    root, keys, ref = ref_store
+    out = tmp_path / "out"
+    shutil.copytree(ref, out)
+    if damage == "key flipped":  # a/img002.png -> a/img004.png: a duplicate, a lost input
+        _replace_bytes(out / "shard-000000.h5", b"a/img002.png", b"a/img004.png")
+    elif damage == "other shard copied over it":
+        shutil.copyfile(out / "shard-000001.h5", out / "shard-000000.h5")
+    else:  # the shard is not the file manifest.json lists (its checksum differs)
+        man = json.loads((out / "manifest.json").read_text())
+        man["shards"][0]["checksum"] = "0" * 32
+        (out / "manifest.json").write_text(json.dumps(man))
+    with caplog.at_level(logging.WARNING):
+        summary = run_extract(root, out, clip_full_dir)
+    warned = [r.getMessage() for r in caplog.records if "shard-000000.h5" in r.getMessage()]
+    assert len(warned) == 1 and "damaged" in warned[0] and "deleted" in warned[0], warned
+    assert summary.complete and summary.extracted == 4 and summary.skipped == 6
+    assert store_contents(out) == store_contents(ref)
+    assert verify_store(out).ok

@@ -89,7 +89,7 @@ def extract(
 def _extract(cfg: ExtractConfig, progress: Progress | None) -> Summary:
     from clipfeat import distributed
     from clipfeat.plan import extend, load_plan
-    from clipfeat.store import scan_shards
+    from clipfeat.store import discard_damaged, scan_shards
 
     t0 = time.perf_counter()
     prep = prepare(cfg)
@@ -102,11 +102,12 @@ def _extract(cfg: ExtractConfig, progress: Progress | None) -> Summary:
         if rank == 0:
             plan = extend(prep.existing_plan, prep.items, shard_size=cfg.shard_size,
                           sources=prep.settings.sources, identity=prep.settings.identity())
+        checked = None
         if world == 1:
             # Start decoding now: the workers get going while torch and the model load.
-            finished = {} if cfg.overwrite or not out.is_dir() else scan_shards(out)
+            checked = _check_finished(out, plan, cfg)
             feed = DecodeFeed(cfg, prep.spec, plan,
-                              [c for c in plan.chunks if c.id not in finished])
+                              [c for c in plan.chunks if c.id not in checked.trusted])
         device, settings = settle(prep)  # imports torch; may still refuse (nothing written)
         if plan is not None and prep.existing_plan is None:
             plan.header["identity"] = settings.identity()  # now with the compute dtype
@@ -118,6 +119,7 @@ def _extract(cfg: ExtractConfig, progress: Progress | None) -> Summary:
         t_loaded = time.perf_counter()
         if dist.is_main:
             _write_plan(out, plan, overwrite=cfg.overwrite)
+            discard_damaged((checked or _check_finished(out, plan, cfg)).damaged)
         dist.barrier()
         if plan is None:
             plan = load_plan(out)
@@ -261,6 +263,17 @@ def _load_tower(prep: Prepared, device: str, settings: RunSettings) -> Any:
     return load_tower(cfg.model, layer=cfg.layer, feature=cfg.feature, revision=cfg.revision,
                       allow_pickle=cfg.allow_pickle, device=device,
                       dtype=settings.compute_dtype, model_ref=prep.ref)
+
+
+def _check_finished(out: Path, plan: Any, cfg: ExtractConfig) -> Any:
+    """The finished shards a rerun may keep, and the damaged ones (`store.check_finished`
+    against the plan's keys of each chunk); nothing is changed on disk."""
+    from clipfeat.store import FinishedCheck, check_finished
+
+    if cfg.overwrite or not out.is_dir():
+        return FinishedCheck({}, [])
+    return check_finished(out, {c.id: [it.key for it in plan.chunk_items(c)]
+                                for c in plan.chunks})
 
 
 def _write_plan(out: Path, plan: Any, *, overwrite: bool) -> None:

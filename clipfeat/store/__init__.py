@@ -34,6 +34,13 @@ from clipfeat.store.attrs import (
 )
 from clipfeat.store.checksum import CHECKSUM_KIND, USERBLOCK, check_shard_bytes, shard_checksum
 from clipfeat.store.describe import describe_store, failure_reason, format_store, planned_chunks
+from clipfeat.store.finished import (
+    FinishedCheck,
+    ShardContent,
+    check_finished,
+    discard_damaged,
+    read_finished,
+)
 from clipfeat.store.h5file import open_shard
 from clipfeat.store.index import check_index, load_index, write_index
 from clipfeat.store.io import (
@@ -69,7 +76,8 @@ from clipfeat.store.shard import (
 )
 
 __all__ = [
-    "CHECKSUM_KIND", "FAILURES", "FLOAT16_MAX", "FLOAT32_MAX", "FORMAT_VERSION", "FeatureStore",
+    "CHECKSUM_KIND", "FAILURES", "FinishedCheck", "ShardContent", "check_finished",
+    "discard_damaged", "read_finished", "FLOAT16_MAX", "FLOAT32_MAX", "FORMAT_VERSION", "FeatureStore",
     "INDEX_FILE", "MANIFEST", "META_DIR", "PARTIAL_SUFFIX", "PER_SHARD_ATTRS", "PLAN_FILE",
     "RESERVED_ATTRS", "SHARD_PREFIX", "SHARD_SUFFIX", "STORE_DTYPES", "ShardInfo", "ShardWriter",
     "USERBLOCK", "atomic_write_json", "atomic_write_lines", "check_index", "check_shard_bytes", "decode_attr",
