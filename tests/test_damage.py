@@ -251,3 +251,77 @@ def test_rerun_redoes_a_damaged_finished_shard(tmp_path, ref_store, clip_full_di
     assert summary.complete and summary.extracted == 4 and summary.skipped == 6
     assert store_contents(out) == store_contents(ref)
     assert verify_store(out).ok
+
+
+# --------------------------------------------------------------------------- lost plan
+
+def _shard_states(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("shard-*.h5"))}
+
+
+@pytest.mark.parametrize("loss", ["meta dir deleted", "plan truncated", "plan garbled"])
+def test_lost_plan_is_rebuilt_from_intact_shards(tmp_path, ref_store, clip_full_dir, caplog,
+                                                 loss):
+    import shutil
+
+    root, keys, ref = ref_store
+    out = tmp_path / "out"
+    shutil.copytree(ref, out)
+    (out / "shard-000001.h5").unlink()  # one chunk still to do
+    plan = out / ".clipfeat" / "plan.jsonl"
+    if loss == "meta dir deleted":
+        shutil.rmtree(out / ".clipfeat")
+    elif loss == "plan truncated":
+        plan.write_bytes(plan.read_bytes()[:-25])
+    else:
+        plan.write_bytes(plan.read_bytes().replace(b'"k"', b'"q"', 1))
+    kept = _shard_states(out)
+    with caplog.at_level(logging.WARNING):
+        summary = run_extract(root, out, clip_full_dir)
+    said = [r.getMessage() for r in caplog.records if "rebuilt" in r.getMessage()]
+    assert len(said) == 1 and "plan.jsonl" in said[0] and "2 intact finished shards" in said[0]
+    assert summary.complete and (summary.skipped, summary.extracted) == (6, 4)
+    assert {n: b for n, b in _shard_states(out).items() if n in kept} == kept
+    assert store_contents(out) == store_contents(ref)
+    assert verify_store(out).ok
+
+
+def _cli_args(root: Path, out: Path, model: Path, *extra: str) -> list[str]:
+    return ["extract", str(root), "--out", str(out), "--model", str(model), "--device", "cpu",
+            "--dtype", "float32", "--store-dtype", "float32", "--shard-size", str(SHARD_SIZE),
+            "--batch-size", "3", "--workers", "0", "--quiet", *extra]
+
+
+def test_lost_plan_and_shards_that_disagree_with_the_sources_is_refused(tmp_path, ref_store,
+                                                                         clip_full_dir):
+    import shutil
+
+    root, keys, ref = ref_store
+    out, src = tmp_path / "out", tmp_path / "root"
+    shutil.copytree(ref, out)
+    shutil.copytree(root, src)
+    shutil.rmtree(out / ".clipfeat")
+    (src / keys[0]).unlink()  # a key of shard 0 the sources no longer list
+    kept = _shard_states(out)
+    res = runner.invoke(app, _cli_args(src, out, clip_full_dir))
+    assert res.exit_code == 1, res.output
+    line = res.stderr.strip().splitlines()
+    assert len(line) == 1, res.stderr
+    assert "plan.jsonl is missing" in line[0] and repr(keys[0]) in line[0]
+    assert "3 finished shards are intact; move them aside" in line[0]
+    assert _shard_states(out) == kept
+
+
+def test_lost_plan_and_other_settings_is_refused_naming_them(tmp_path, ref_store,
+                                                             clip_full_dir):
+    import shutil
+
+    root, keys, ref = ref_store
+    out = tmp_path / "out"
+    shutil.copytree(ref, out)
+    shutil.rmtree(out / ".clipfeat")
+    kept = _shard_states(out)
+    res = runner.invoke(app, _cli_args(root, out, clip_full_dir, "--layer", "-1"))
+    assert res.exit_code == 2, res.output
+    assert "other settings" in res.stderr and "layer: -2 in OUT, -1 now" in res.stderr
+    assert _shard_states(out) == kept

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from clipfeat.config import ExtractConfig
-from clipfeat.errors import ConfigError, ExtractionError, Interrupted
+from clipfeat.errors import ConfigError, ExtractionError, Interrupted, StoreError
 from clipfeat.pipeline.device import resolve_device, resolve_dtype
 from clipfeat.pipeline.feed import DecodeFeed
 from clipfeat.pipeline.loop import run_chunks
@@ -159,7 +159,6 @@ def prepare(cfg: ExtractConfig) -> Prepared:
     """
     from clipfeat import distributed
     from clipfeat.modelref import resolve_model
-    from clipfeat.plan import load_plan
     from clipfeat.preprocess import PreprocessSpec
     from clipfeat.tower import check_feature
 
@@ -183,20 +182,80 @@ def prepare(cfg: ExtractConfig) -> Prepared:
     items, exts = _gather_items(cfg, out, scan=distributed.env_world()[0] == 0)
     settings = RunSettings.of(cfg, ref, spec, source_record(cfg, exts))
     plan = None
-    if not cfg.overwrite:
-        plan = load_plan(out) if out.is_dir() else None
-        if plan is not None:
-            if plan.shard_size != cfg.shard_size:
-                raise ConfigError(
-                    f"--shard-size {cfg.shard_size} differs from the {plan.shard_size} "
-                    f"--out {out} was planned with: rerun with --shard-size "
-                    f"{plan.shard_size}, or --overwrite to start over"
-                )
-        elif out.is_dir() and any(out.glob("shard-*.h5")):
+    if not cfg.overwrite and out.is_dir():
+        plan = _existing_plan(out, cfg, items, settings, main=distributed.env_world()[0] == 0)
+        if plan is not None and plan.shard_size != cfg.shard_size:
             raise ConfigError(
-                f"--out {out} holds shards but no plan: use another --out, or --overwrite"
+                f"--shard-size {cfg.shard_size} differs from the {plan.shard_size} "
+                f"--out {out} was planned with: rerun with --shard-size "
+                f"{plan.shard_size}, or --overwrite to start over"
             )
     return Prepared(cfg, out, ref, spec, settings, items, plan)
+
+
+def _existing_plan(out: Path, cfg: ExtractConfig, items: list[Any], settings: RunSettings,
+                   *, main: bool) -> Any:
+    """OUT's plan; rebuilt (rank 0) from the finished shards and the sources when
+    plan.jsonl is missing or damaged but shards are there; None when OUT has neither."""
+    from clipfeat.plan import load_plan
+    from clipfeat.store import list_shard_files
+
+    try:
+        plan = load_plan(out)
+    except StoreError as err:
+        if not main:
+            return None  # rank 0 rebuilds it; read after the barrier
+        return _rebuild_plan(out, cfg, items, settings, f"damaged ({err})")
+    if plan is not None or not main or not list_shard_files(out):
+        return plan
+    return _rebuild_plan(out, cfg, items, settings, "missing")
+
+
+def _rebuild_plan(out: Path, cfg: ExtractConfig, items: list[Any], settings: RunSettings,
+                  state: str) -> Any:
+    """The plan made again from OUT's intact finished shards and the sources (`plan.rebuild`),
+    its identity from the shards' attributes; StoreError when they disagree."""
+    from clipfeat.plan import plan_path, rebuild
+    from clipfeat.store import read_finished
+
+    intact = {sid: c for sid, c in read_finished(out).items() if c.problem is None}
+    path = plan_path(out)
+    if not intact:  # damaged shards, if any, are deleted once the run is settled
+        logger.warning("%s is %s and no finished shard is intact: planning again", path, state)
+        return None
+    keep = (f"{len(intact)} finished shards are intact; move them aside (or use --overwrite "
+            "to replace them) and rerun")
+    identity = _shard_identity(intact, settings, keep)
+    try:
+        plan = rebuild({sid: (c.keys, c.failures) for sid, c in intact.items()}, items,
+                       shard_size=cfg.shard_size, sources=settings.sources, identity=identity)
+    except ValueError as err:
+        raise StoreError(f"{path} is {state.split(' (')[0]} and the shards in --out {out} "
+                         f"disagree with the sources ({err}): {keep}") from None
+    logger.warning("%s was %s: rebuilt from the %d intact finished shards and the sources "
+                   "(%d items still to do)", path, state.split(" (")[0], len(intact),
+                   plan.appended)
+    return plan
+
+
+def _shard_identity(intact: dict[int, Any], settings: RunSettings, keep: str) -> dict[str, Any]:
+    """The run identity the shards' attributes record (the sources: today's, which the
+    shards' keys were checked against); StoreError if the shards disagree among themselves."""
+    import json
+
+    from clipfeat.pipeline.settings import IDENTITY_FIELDS
+
+    found: dict[str, Any] | None = None
+    for sid, content in sorted(intact.items()):
+        ident = {k: content.attrs.get(k) for k in IDENTITY_FIELDS if k != "sources"}
+        if isinstance(ident.get("preprocessing"), str):
+            ident["preprocessing"] = json.loads(ident["preprocessing"])
+        if found is not None and ident != found:
+            diffs = identity_diff(found, ident)
+            raise StoreError(f"shard {sid} in {content.path.parent} was made with other "
+                             f"settings than shard {min(intact)} ({'; '.join(diffs)}): {keep}")
+        found = ident
+    return dict(found or {}, sources=settings.sources)
 
 
 def _gather_items(cfg: ExtractConfig, out: Path, *, scan: bool = True
