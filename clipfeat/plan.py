@@ -9,11 +9,13 @@ coordinator.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from clipfeat.errors import ConfigError, StoreError
 from clipfeat.store.layout import META_DIR, PLAN_FILE
@@ -158,14 +160,7 @@ def extend(
     (a file gone since is recorded as a failure when its chunk runs).
     """
     if existing is None:
-        header = {
-            "format": PLAN_FORMAT,
-            "version": PLAN_VERSION,
-            "shard_size": shard_size,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "sources": sources,
-            "identity": identity or {},
-        }
+        header = _new_header(shard_size, sources, identity)
         planned: list[PlanItem] = []
         next_chunk = 0
         known: set[str] = set()
@@ -189,7 +184,84 @@ def extend(
             PlanItem(base + j, next_chunk + j // size, it.key, it.path, getattr(it, "error", None))
         )
     plan = Plan(header, planned, _cut(planned), appended=len(new))
-    plan.dirty = existing is None or bool(new)
+    plan.dirty = existing is None or existing.dirty or bool(new)
+    return plan
+
+
+def _new_header(shard_size: int, sources: dict[str, Any], identity: dict[str, Any] | None
+                ) -> dict[str, Any]:
+    return {
+        "format": PLAN_FORMAT,
+        "version": PLAN_VERSION,
+        "shard_size": shard_size,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "sources": sources,
+        "identity": identity or {},
+    }
+
+
+def _finished_entries(cid: int, keys: Sequence[str], failures: Sequence[dict],
+                      by_key: dict[str, Any], shard_size: int, problems: list[str]
+                      ) -> list[tuple[str, str, str | None]]:
+    """(key, path, error) of finished chunk ``cid``'s items, or [] with ``problems`` said."""
+    n = len(keys) + len(failures)
+    if not 0 < n <= shard_size:
+        problems.append(f"shard {cid} holds {n} inputs, not 1 to --shard-size {shard_size}")
+    lost = [k for k in keys if k not in by_key]
+    if lost:
+        problems.append(f"shard {cid} holds {len(lost)} keys the sources do not list "
+                        f"(first {lost[0]!r})")
+        return []
+    entries = [(k, by_key[k].path, getattr(by_key[k], "error", None)) for k in keys]
+    for rec in failures:
+        key = str(rec.get("key"))
+        it = by_key.get(key)  # a failed input may be gone from the sources since
+        entries.append((key, it.path if it else str(rec.get("path")), None))
+    return entries
+
+
+def rebuild(
+    finished: Mapping[int, tuple[Sequence[str], Sequence[dict]]],
+    items: Sequence[Any],
+    *,
+    shard_size: int,
+    sources: dict[str, Any],
+    identity: dict[str, Any] | None = None,
+) -> Plan:
+    """The plan of an OUT whose plan.jsonl was lost, made again in memory from its finished
+    shards (chunk id -> (row keys, failure records)) and the sources' ``items``.
+
+    Each finished chunk holds exactly what its shard says (items in source order); the
+    other items, in source order, fill the chunk ids no shard holds, then new chunks
+    after them. ValueError (its problems, "; "-joined) when the shards and the sources
+    disagree: a stored key the sources do not list, a key in two shards, a chunk larger
+    than ``shard_size``.
+    """
+    by_key = {it.key: it for it in items}
+    order = {it.key: i for i, it in enumerate(items)}
+    problems: list[str] = []
+    chunks: dict[int, list[tuple[str, str, str | None]]] = {}
+    owner: dict[str, int] = {}
+    for cid, (keys, failures) in sorted(finished.items()):
+        entries = _finished_entries(cid, keys, failures, by_key, shard_size, problems)
+        for key, _, _ in entries:
+            if key in owner:
+                problems.append(f"key {key!r} is in shards {owner[key]} and {cid}")
+            owner.setdefault(key, cid)
+        chunks[cid] = sorted(entries, key=lambda e: order.get(e[0], len(order)))
+    if problems:
+        raise ValueError("; ".join(problems[:3]) + (
+            f"; and {len(problems) - 3} more" if len(problems) > 3 else ""))
+    rest = [(it.key, it.path, getattr(it, "error", None)) for it in items if it.key not in owner]
+    free = (cid for cid in itertools.count() if cid not in chunks)  # gaps first
+    for start in range(0, len(rest), shard_size):
+        chunks[next(free)] = rest[start:start + shard_size]
+    planned = [PlanItem(0, cid, key, path, error)
+               for cid in sorted(chunks) for key, path, error in chunks[cid]]
+    planned = [dataclasses.replace(it, index=i) for i, it in enumerate(planned)]
+    plan = Plan(_new_header(shard_size, sources, identity), planned, _cut(planned),
+                appended=len(rest))
+    plan.dirty = True
     return plan
 
 

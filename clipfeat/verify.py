@@ -6,7 +6,8 @@ from the manifest; ``features``/``keys``/``failures`` agree with each other, wit
 manifest and with the shard's attributes; settings agree across shards and with the
 manifest config; keys unique across shards; the whole-file checksum in each shard's user
 block still matches (catches truncation and a flipped byte anywhere, raw float data
-included); failures.jsonl parses. Rows are scanned for NaN/Inf (in memory-bounded blocks)
+included); failures.jsonl parses; the key index matches the checksums its header records and points
+every key at its own shard row and row offset. Rows are scanned for NaN/Inf (in memory-bounded blocks)
 only when a shard's checksum does not match: an intact shard holds exactly the bytes the
 writer committed, and the writer refuses non-finite values.
 With ``model`` and ``sample > 0``, K random rows are re-extracted and compared.
@@ -32,6 +33,7 @@ from clipfeat.store import (
     SHARD_PREFIX,
     STORE_DTYPES,
     ShardInfo,
+    check_index,
     check_shard_bytes,
     decode_attr,
     encode_attr,
@@ -39,7 +41,6 @@ from clipfeat.store import (
     key_hash,
     key_str,
     list_shard_files,
-    load_index,
     open_shard,
     parse_shard_id,
     planned_chunks,
@@ -523,9 +524,17 @@ def _note_unfinished(out: Path, man: dict | None, complete: bool, entries: list[
             + "rerun the extract command to finish it")
     else:
         shards = [ShardInfo.from_manifest(e) for e in entries]
-        if len(shards) == len(man["shards"]) and load_index(out, shards) is None:
+        if len(shards) != len(man["shards"]):
+            return
+        try:
+            index_problems = check_index(out, shards)
+        except StoreError:  # a shard that cannot be read: reported with the shard
+            return
+        if index_problems is None:
             report.notes.append("key index missing or stale: FeatureStore will read the "
                                 "keys of every shard when it opens")
+        else:
+            report.problems.extend(index_problems)
 
 
 def verify_store(

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from clipfeat.config import ExtractConfig
-from clipfeat.errors import ConfigError, ExtractionError, Interrupted
+from clipfeat.errors import ConfigError, ExtractionError, Interrupted, StoreError
 from clipfeat.pipeline.device import resolve_device, resolve_dtype
 from clipfeat.pipeline.feed import DecodeFeed
 from clipfeat.pipeline.loop import run_chunks
@@ -89,6 +89,7 @@ def extract(
 def _extract(cfg: ExtractConfig, progress: Progress | None) -> Summary:
     from clipfeat import distributed
     from clipfeat.plan import extend, load_plan
+    from clipfeat.store import discard_damaged
 
     t0 = time.perf_counter()
     cfg.validate()
@@ -104,11 +105,12 @@ def _extract(cfg: ExtractConfig, progress: Progress | None) -> Summary:
         if rank == 0:
             plan = extend(prep.existing_plan, prep.items, shard_size=cfg.shard_size,
                           sources=prep.settings.sources, identity=prep.settings.identity())
+        checked = None
         if world == 1:
             # Start decoding now: the workers get going while torch and the model load.
-            finished = {} if cfg.overwrite or not out.is_dir() else _finished(cfg, out)
-            feed = DecodeFeed(cfg, prep.spec, plan,
-                              [c for c in plan.chunks if c.id not in finished])
+            checked = _check_finished(out, plan, cfg)
+            keep = _retry_filter(cfg, checked.trusted)
+            feed = DecodeFeed(cfg, prep.spec, plan, [c for c in plan.chunks if c.id not in keep])
         device, settings = settle(prep)  # imports torch; may still refuse (nothing written)
         if plan is not None and prep.existing_plan is None:
             plan.header["identity"] = settings.identity()  # now with the compute dtype
@@ -122,6 +124,7 @@ def _extract(cfg: ExtractConfig, progress: Progress | None) -> Summary:
             if lock is not None:
                 lock.acquire()  # a new OUT: created here, under the lock
             _write_plan(out, plan, overwrite=cfg.overwrite)
+            discard_damaged((checked or _check_finished(out, plan, cfg)).damaged)
         dist.barrier()
         if not dist.is_main and not cfg.no_lock:
             from clipfeat.store.lock import check_same_job
@@ -188,13 +191,19 @@ def _lock(cfg: ExtractConfig, out: Path, rank: int) -> Any:
 
 
 def _finished(cfg: ExtractConfig, out: Path, *, announce: bool = False) -> dict[int, Any]:
-    """The finished shards to keep, by id. With --retry-failed, a shard whose chunk has
-    transient failures (timeouts, crashes) is not kept: its chunk is redone and its new
-    shard replaces it when committed. Without it, those failures are counted in a notice."""
-    from clipfeat.decode import is_transient
+    """The finished shards in OUT to keep, by id (see `_retry_filter`)."""
     from clipfeat.store import scan_shards
 
-    shards = scan_shards(out)
+    return _retry_filter(cfg, scan_shards(out), announce=announce)
+
+
+def _retry_filter(cfg: ExtractConfig, shards: dict[int, Any], *,
+                  announce: bool = False) -> dict[int, Any]:
+    """``shards`` less, with --retry-failed, those whose chunk has transient failures
+    (timeouts, crashes): their chunks are redone and each new shard replaces the old one
+    when committed. Without it, those failures are counted in a notice."""
+    from clipfeat.decode import is_transient
+
     retry = {sid: sum(is_transient(f.get("error", "")) for f in info.failures)
              for sid, info in shards.items()}
     retry = {sid: n for sid, n in retry.items() if n}
@@ -205,7 +214,8 @@ def _finished(cfg: ExtractConfig, out: Path, *, announce: bool = False) -> dict[
         return {sid: info for sid, info in shards.items() if sid not in retry}
     if retry and announce:
         logger.warning("%d image(s) in %s failed by a timeout or crash, not for their content: "
-                       "rerun with --retry-failed to try them again", sum(retry.values()), out)
+                       "rerun with --retry-failed to try them again", sum(retry.values()),
+                       cfg.out)
     return shards
 
 
@@ -220,7 +230,6 @@ def prepare(cfg: ExtractConfig) -> Prepared:
     """
     from clipfeat import distributed
     from clipfeat.modelref import resolve_model
-    from clipfeat.plan import load_plan
     from clipfeat.preprocess import PreprocessSpec
     from clipfeat.tower import check_feature
 
@@ -245,8 +254,8 @@ def prepare(cfg: ExtractConfig) -> Prepared:
     items, exts = _gather_items(cfg, out, scan=scan)
     settings = RunSettings.of(cfg, ref, spec, source_record(cfg, exts))
     plan = None
-    if not cfg.overwrite:
-        plan = load_plan(out) if out.is_dir() else None
+    if not cfg.overwrite and out.is_dir():
+        plan = _existing_plan(out, cfg, items, settings, main=scan)
     if scan and not items and (plan is None or not plan.items):
         raise ConfigError(_nothing_to_extract(cfg, exts))
     if plan is not None:
@@ -256,11 +265,72 @@ def prepare(cfg: ExtractConfig) -> Prepared:
                 f"--out {out} was planned with: rerun with --shard-size "
                 f"{plan.shard_size}, or --overwrite to start over"
             )
-    elif not cfg.overwrite and out.is_dir() and any(out.glob("shard-*.h5")):
-        raise ConfigError(
-            f"--out {out} holds shards but no plan: use another --out, or --overwrite"
-        )
     return Prepared(cfg, out, ref, spec, settings, items, plan)
+
+
+def _existing_plan(out: Path, cfg: ExtractConfig, items: list[Any], settings: RunSettings,
+                   *, main: bool) -> Any:
+    """OUT's plan; rebuilt (rank 0) from the finished shards and the sources when
+    plan.jsonl is missing or damaged but shards are there; None when OUT has neither."""
+    from clipfeat.plan import load_plan
+    from clipfeat.store import list_shard_files
+
+    try:
+        plan = load_plan(out)
+    except StoreError as err:
+        if not main:
+            return None  # rank 0 rebuilds it; read after the barrier
+        return _rebuild_plan(out, cfg, items, settings, f"damaged ({err})")
+    if plan is not None or not main or not list_shard_files(out):
+        return plan
+    return _rebuild_plan(out, cfg, items, settings, "missing")
+
+
+def _rebuild_plan(out: Path, cfg: ExtractConfig, items: list[Any], settings: RunSettings,
+                  state: str) -> Any:
+    """The plan made again from OUT's intact finished shards and the sources (`plan.rebuild`),
+    its identity from the shards' attributes; StoreError when they disagree."""
+    from clipfeat.plan import plan_path, rebuild
+    from clipfeat.store import read_finished
+
+    intact = {sid: c for sid, c in read_finished(out).items() if c.problem is None}
+    path = plan_path(out)
+    if not intact:  # damaged shards, if any, are deleted once the run is settled
+        logger.warning("%s is %s and no finished shard is intact: planning again", path, state)
+        return None
+    keep = (f"{len(intact)} finished shards are intact; move them aside (or use --overwrite "
+            "to replace them) and rerun")
+    identity = _shard_identity(intact, settings, keep)
+    try:
+        plan = rebuild({sid: (c.keys, c.failures) for sid, c in intact.items()}, items,
+                       shard_size=cfg.shard_size, sources=settings.sources, identity=identity)
+    except ValueError as err:
+        raise StoreError(f"{path} is {state.split(' (')[0]} and the shards in --out {out} "
+                         f"disagree with the sources ({err}): {keep}") from None
+    logger.warning("%s was %s: rebuilt from the %d intact finished shards and the sources "
+                   "(%d items still to do)", path, state.split(" (")[0], len(intact),
+                   plan.appended)
+    return plan
+
+
+def _shard_identity(intact: dict[int, Any], settings: RunSettings, keep: str) -> dict[str, Any]:
+    """The run identity the shards' attributes record (the sources: today's, which the
+    shards' keys were checked against); StoreError if the shards disagree among themselves."""
+    import json
+
+    from clipfeat.pipeline.settings import IDENTITY_FIELDS
+
+    found: dict[str, Any] | None = None
+    for sid, content in sorted(intact.items()):
+        ident = {k: content.attrs.get(k) for k in IDENTITY_FIELDS if k != "sources"}
+        if isinstance(ident.get("preprocessing"), str):
+            ident["preprocessing"] = json.loads(ident["preprocessing"])
+        if found is not None and ident != found:
+            diffs = identity_diff(found, ident)
+            raise StoreError(f"shard {sid} in {content.path.parent} was made with other "
+                             f"settings than shard {min(intact)} ({'; '.join(diffs)}): {keep}")
+        found = ident
+    return dict(found or {}, sources=settings.sources)
 
 
 def _gather_items(cfg: ExtractConfig, out: Path, *, scan: bool = True
@@ -339,6 +409,17 @@ def _load_tower(prep: Prepared, device: str, settings: RunSettings) -> Any:
     return load_tower(cfg.model, layer=cfg.layer, feature=cfg.feature, revision=cfg.revision,
                       allow_pickle=cfg.allow_pickle, device=device,
                       dtype=settings.compute_dtype, model_ref=prep.ref)
+
+
+def _check_finished(out: Path, plan: Any, cfg: ExtractConfig) -> Any:
+    """The finished shards a rerun may keep, and the damaged ones (`store.check_finished`
+    against the plan's keys of each chunk); nothing is changed on disk."""
+    from clipfeat.store import FinishedCheck, check_finished
+
+    if cfg.overwrite or not out.is_dir():
+        return FinishedCheck({}, [])
+    return check_finished(out, {c.id: [it.key for it in plan.chunk_items(c)]
+                                for c in plan.chunks})
 
 
 def _write_plan(out: Path, plan: Any, *, overwrite: bool) -> None:

@@ -34,8 +34,15 @@ from clipfeat.store.attrs import (
 )
 from clipfeat.store.checksum import CHECKSUM_KIND, USERBLOCK, check_shard_bytes, shard_checksum
 from clipfeat.store.describe import describe_store, failure_reason, format_store, planned_chunks
+from clipfeat.store.finished import (
+    FinishedCheck,
+    ShardContent,
+    check_finished,
+    discard_damaged,
+    read_finished,
+)
 from clipfeat.store.h5file import open_shard
-from clipfeat.store.index import load_index, write_index
+from clipfeat.store.index import check_index, load_index, write_index
 from clipfeat.store.io import (
     atomic_write_json,
     atomic_write_lines,
@@ -72,12 +79,14 @@ from clipfeat.store.shard import (
 
 __all__ = [
     "CHECKSUM_KIND", "FAILURES", "FLOAT16_MAX", "FLOAT32_MAX", "FORMAT_VERSION", "FeatureStore",
-    "INDEX_FILE", "LOCK_FILE", "MANIFEST", "META_DIR", "OutLock", "PARTIAL_SUFFIX", "PER_SHARD_ATTRS", "PLAN_FILE",
-    "RESERVED_ATTRS", "SHARD_PREFIX", "SHARD_SUFFIX", "STORE_DTYPES", "ShardInfo", "ShardWriter",
-    "USERBLOCK", "atomic_write_json", "atomic_write_lines", "check_shard_bytes", "decode_attr",
-    "describe_store", "encode_attr", "failure_reason", "finalize", "format_store", "is_store",
-    "json_line", "key_bytes", "key_hash", "key_str", "list_shard_files", "load_index",
-    "open_shard", "os_error_message", "parse_shard_id", "planned_chunks", "read_manifest",
-    "read_shard_failures", "read_shard_info", "remove_partials", "scan_shards", "seq_sha256",
-    "shard_checksum", "shard_name", "write_index", "write_lines_atomically",
+    "FinishedCheck", "INDEX_FILE", "LOCK_FILE", "MANIFEST", "META_DIR", "OutLock",
+    "PARTIAL_SUFFIX", "PER_SHARD_ATTRS", "PLAN_FILE", "RESERVED_ATTRS", "SHARD_PREFIX",
+    "SHARD_SUFFIX", "STORE_DTYPES", "ShardContent", "ShardInfo", "ShardWriter", "USERBLOCK",
+    "atomic_write_json", "atomic_write_lines", "check_finished", "check_index",
+    "check_shard_bytes", "decode_attr", "describe_store", "discard_damaged", "encode_attr",
+    "failure_reason", "finalize", "format_store", "is_store", "json_line", "key_bytes",
+    "key_hash", "key_str", "list_shard_files", "load_index", "open_shard", "os_error_message",
+    "parse_shard_id", "planned_chunks", "read_finished", "read_manifest", "read_shard_failures",
+    "read_shard_info", "remove_partials", "scan_shards", "seq_sha256", "shard_checksum",
+    "shard_name", "write_index", "write_lines_atomically",
 ]

@@ -7,6 +7,7 @@ old index in place.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import uuid
@@ -121,11 +122,16 @@ def write_index(out_dir: str | os.PathLike, shards: Iterable[ShardInfo]) -> None
         "rows": (np.concatenate(row_offsets) if row_offsets else np.zeros(0, np.int64)),
     }
     idx_dir = meta_dir / f"index-{uuid.uuid4().hex[:12]}"
+    checksums: dict[str, str] = {}
     try:
         idx_dir.mkdir(parents=True, exist_ok=False)
         for name, arr in arrays.items():
+            buf = io.BytesIO()
+            np.save(buf, arr, allow_pickle=False)
+            data = buf.getbuffer()
+            checksums[name] = _digest_bytes([data])
             with open(idx_dir / f"{name}.npy", "wb") as fh:
-                np.save(fh, arr, allow_pickle=False)
+                fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
         fsync_dir(idx_dir)
@@ -140,6 +146,7 @@ def write_index(out_dir: str | os.PathLike, shards: Iterable[ShardInfo]) -> None
         "num_keys": n,
         "hash": "blake2b-64-le",
         "shards": index_shards(ordered),
+        "checksums": checksums,
     }
     atomic_write_json(meta_dir / INDEX_FILE, header)
     for entry in os.scandir(meta_dir):
@@ -168,6 +175,7 @@ class ArrayIndex:
         ):
             raise ValueError("index arrays disagree with the header")
         self.n = num_keys
+        self.folder = folder
 
     def key_at(self, pos: int) -> str:
         return key_str(bytes(self.blob[int(self.offsets[pos]):int(self.offsets[pos + 1])]))
@@ -218,22 +226,143 @@ class DictIndex:
         return None  # unknown: FeatureStore reads the shard's layout on first use
 
 
-def load_index(out_dir: str | os.PathLike, shards: list[ShardInfo]) -> ArrayIndex | None:
-    """The key index if present and made for exactly ``shards``; None if missing or stale."""
+INDEX_ARRAYS = ("hashes", "positions", "offsets", "blob", "rows")
+INDEX_FIX = "rerun clipfeat extract (same command) to rebuild it, or delete it"
+
+
+class IndexDamaged(StoreError):
+    """The key index exists and was made for these shards, but its files are damaged."""
+
+
+class _Stale(Exception):
+    """The key index was made for another set of shards (or is from another tool)."""
+
+
+def _digest_bytes(chunks: Iterable[Any]) -> str:
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    for chunk in chunks:
+        h.update(chunk)
+    return f"xxh3_128:{h.hexdigest()}"
+
+
+def _file_digest(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return _digest_bytes(iter(lambda: fh.read(8 * 1024 * 1024), b""))
+
+
+def _open_index(out_dir: str | os.PathLike, shards: list[ShardInfo], *,
+                check: bool = True) -> ArrayIndex | None:
+    """The key index made for ``shards``; None if there is none. Raises `_Stale` when it
+    was made for other shards and `IndexDamaged` when its files do not match the checksums
+    its header records (an index written before checksums were recorded is taken as it is)."""
     meta_dir = Path(out_dir) / META_DIR
     header_path = meta_dir / INDEX_FILE
     if not header_path.exists():
         return None
     try:
         header = read_json(header_path, "the key index")
-        if header.get("format") != INDEX_FORMAT or header.get("shards") != index_shards(shards):
-            log.warning("%s: key index is stale (shard set differs from the manifest)",
-                        header_path)
-            return None
-        name = str(header["dir"])
-        if "/" in name or "\\" in name or not name.startswith("index-"):
-            raise ValueError(f"bad index folder {name!r}")
+    except StoreError as err:
+        raise IndexDamaged(f"{err}; {INDEX_FIX}") from None
+    if not isinstance(header, dict):
+        raise IndexDamaged(f"{header_path}: not a key index header; {INDEX_FIX}")
+    if header.get("format") != INDEX_FORMAT or header.get("shards") != index_shards(shards):
+        raise _Stale(f"{header_path}: key index is stale (shard set differs from the manifest)")
+    name = header.get("dir")
+    if not isinstance(name, str) or "/" in name or "\\" in name or not name.startswith("index-"):
+        raise IndexDamaged(f"{header_path}: bad index folder {name!r}; {INDEX_FIX}")
+    sums = header.get("checksums")
+    if check and sums is not None:
+        for arr in INDEX_ARRAYS:
+            path = meta_dir / name / f"{arr}.npy"
+            try:
+                ok = isinstance(sums, dict) and _file_digest(path) == sums.get(arr)
+            except OSError as err:
+                raise IndexDamaged(f"{path}: unreadable ({err.strerror}); {INDEX_FIX}") from None
+            if not ok:
+                raise IndexDamaged(f"{path}: key index file damaged (checksum differs from "
+                                   f"{INDEX_FILE}); {INDEX_FIX}")
+    try:
         return ArrayIndex(meta_dir / name, int(header["num_keys"]))
-    except (StoreError, OSError, ValueError, KeyError, TypeError) as err:
-        log.warning("%s: key index unusable (%s)", header_path, err)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise IndexDamaged(f"{meta_dir / name}: key index unusable ({err}); {INDEX_FIX}") from None
+
+
+def load_index(out_dir: str | os.PathLike, shards: list[ShardInfo], *,
+               check: bool = True) -> ArrayIndex | None:
+    """The key index if present, intact (its files match the checksums in its header; skip
+    that with ``check=False``, e.g. in a process that re-opens an index already checked) and
+    made for exactly ``shards``; None if missing, stale or damaged (a warning says which):
+    the caller then reads the shards' keys."""
+    try:
+        return _open_index(out_dir, shards, check=check)
+    except _Stale as err:
+        log.warning("%s", err)
+    except IndexDamaged as err:
+        log.warning("%s (reading the shards' keys instead)", err)
+    return None
+
+
+def check_index(out_dir: str | os.PathLike, shards: list[ShardInfo]) -> list[str] | None:
+    """Problems of the key index made for ``shards`` ([] when sound): its files against
+    their checksums, then every key against the shards: the same keys in store order, each
+    found at its own position and pointing at its own row offset. None when there is no
+    index for ``shards`` (missing or stale). Reads every shard's keys."""
+    import numpy as np
+
+    try:
+        idx = _open_index(out_dir, shards)
+    except _Stale:
         return None
+    except IndexDamaged as err:
+        return [str(err)]
+    if idx is None:
+        return None
+    out = Path(out_dir)
+    raw: list[bytes] = []
+    rows = []
+    owner: list[tuple[str, int]] = []  # (shard file, row) of each store position
+    for info in sorted(shards, key=lambda s: s.shard_id):
+        keys, offs = read_layout(out / info.file)
+        raw.extend(keys)
+        owner.extend((info.file, r) for r in range(len(keys)))
+        rows.append(offs if offs is not None else np.full(len(keys), -1, np.int64))
+    folder = idx.folder
+    if len(raw) != idx.n:
+        return [f"{folder}: key index holds {idx.n} keys but the shards {len(raw)}; {INDEX_FIX}"]
+    bad = _index_mismatch(idx, raw, np.concatenate(rows) if rows else np.zeros(0, np.int64))
+    if bad is None:
+        return []
+    what, pos = bad
+    where = f" (first: {key_str(raw[pos])!r}, {owner[pos][0]} row {owner[pos][1]})" if (
+        pos is not None) else ""
+    return [f"{folder}/{what}.npy: key index disagrees with the shards{where}; {INDEX_FIX}"]
+
+
+def _index_mismatch(idx: ArrayIndex, raw: list[bytes], rows) -> tuple[str, int | None] | None:
+    """(index file, first store position concerned or None) where ``idx`` disagrees with
+    the shards' keys ``raw`` and row offsets ``rows``; None when it agrees."""
+    import numpy as np
+
+    lengths = np.fromiter((len(r) for r in raw), dtype=np.int64, count=len(raw))
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    if not np.array_equal(np.asarray(idx.offsets), offsets):
+        return "offsets", int(np.argmax(np.asarray(idx.offsets)[1:] != offsets[1:]))
+    if bytes(idx.blob) != b"".join(raw):
+        blob = np.frombuffer(b"".join(raw), dtype=np.uint8)
+        first = int(np.argmax(np.asarray(idx.blob) != blob))
+        return "blob", int(np.searchsorted(offsets, first, side="right")) - 1
+    wrong = np.nonzero(np.asarray(idx.rows) != rows)[0]
+    if len(wrong):
+        return "rows", int(wrong[0])
+    hashes = np.fromiter((key_hash(r) for r in raw), dtype=np.uint64, count=len(raw))
+    positions = np.asarray(idx.positions)
+    if not np.array_equal(np.sort(positions), np.arange(len(raw))):
+        return "positions", None
+    if not np.array_equal(hashes[positions], np.asarray(idx.hashes)):
+        return "positions", int(positions[np.argmax(hashes[positions] != idx.hashes)])
+    sorted_hashes = np.asarray(idx.hashes)
+    if len(raw) > 1 and bool(np.any(sorted_hashes[1:] < sorted_hashes[:-1])):
+        return "hashes", None
+    return None

@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from clipfeat.errors import ConfigError, StoreError
 from clipfeat.store.attrs import FORMAT_VERSION
@@ -84,12 +85,50 @@ def finalize(
     write_manifest(out, meta=meta, plan=plan, shards=ordered, complete=complete)
 
 
+MANIFEST_FIX = "rerun the extract command (same settings) to rewrite it, or delete it"
+
+
 def read_manifest(out_dir: str | os.PathLike) -> dict:
-    """The parsed manifest.json of a store. StoreError if missing or unreadable."""
+    """The parsed manifest.json of a store, checked: every field clipfeat reads has its type
+    and every shard entry is well-formed (`ShardInfo.from_manifest`), each shard listed
+    once. StoreError (one line: the file, what is wrong, the fix) otherwise."""
     path = Path(out_dir) / MANIFEST
-    man = read_json(path, "the manifest")
-    if not isinstance(man, dict) or man.get("format") != "clipfeat" or not isinstance(
-        man.get("shards"), list
-    ):
-        raise StoreError(f"{path}: not a clipfeat manifest")
+    try:
+        man = read_json(path, "the manifest")
+    except StoreError as err:
+        raise StoreError(f"{err}; {MANIFEST_FIX}") from None
+    problem = _manifest_problem(man)
+    if problem is not None:
+        raise StoreError(f"{path}: damaged manifest ({problem}); {MANIFEST_FIX}")
     return man
+
+
+def _manifest_problem(man: Any) -> str | None:
+    """What makes ``man`` not a clipfeat manifest, or None."""
+    if not isinstance(man, dict):
+        return f"a JSON {type(man).__name__}, not an object"
+    if man.get("format") != "clipfeat":
+        return "format is not 'clipfeat'"
+    kinds = (("shards", list, True), ("config", dict, False), ("plan", dict, False),
+             ("complete", bool, False))
+    for name, kind, required in kinds:
+        if (required or man.get(name) is not None) and not isinstance(man.get(name), kind):
+            return f"{name} is {_kind(man.get(name))}, not a JSON {kind.__name__}"
+    for name in ("num_images", "num_failures", "num_shards"):
+        value = man.get(name)
+        if name in man and (isinstance(value, bool) or not isinstance(value, int)):
+            return f"{name}={value!r} is not a count"
+    seen: set[int] = set()
+    for entry in man["shards"]:
+        try:
+            info = ShardInfo.from_manifest(entry)
+        except ValueError as err:
+            return str(err)
+        if info.shard_id in seen:
+            return f"shard {info.file} listed twice"
+        seen.add(info.shard_id)
+    return None
+
+
+def _kind(value: Any) -> str:
+    return "missing" if value is None else f"a {type(value).__name__}"

@@ -111,7 +111,8 @@ class FeatureStore:
     def _ensure_index(self):
         if self._index is not None:
             return self._index
-        idx = load_index(self.path, self.shards)
+        # A process that re-opens an index already checked (a DataLoader worker) trusts it.
+        idx = load_index(self.path, self.shards, check=self._index_kind != "array")
         if idx is not None:
             self._index, self._index_kind = idx, "array"
             return idx

@@ -75,16 +75,42 @@ class ShardInfo:
         return entry
 
     @classmethod
-    def from_manifest(cls, entry: dict) -> ShardInfo:
-        """A ShardInfo from a manifest.json entry (failures not loaded)."""
-        return cls(
-            shard_id=int(entry["shard_id"]),
-            file=str(entry.get("file") or shard_name(int(entry["shard_id"]))),
-            num_rows=int(entry["num_rows"]),
-            num_failures=int(entry.get("num_failures", 0)),
-            bytes=int(entry.get("bytes", 0)),
-            checksum=entry.get("checksum"),
-        )
+    def from_manifest(cls, entry: Any) -> ShardInfo:
+        """A ShardInfo from a manifest.json entry (failures not loaded). ValueError naming
+        what is wrong when the entry is not a well-formed shard entry."""
+        if not isinstance(entry, dict):
+            raise ValueError(f"shard entry {_short(entry)} is not an object")
+        file = entry.get("file")
+        if not isinstance(file, str) or parse_shard_id(file) is None:
+            raise ValueError(f"shard entry {_short(entry)} has no shard file name 'file'")
+        values = {name: _count(entry, name, required)
+                  for name, required in (("shard_id", True), ("num_rows", True),
+                                         ("num_failures", False), ("bytes", False))}
+        if values["shard_id"] != parse_shard_id(file):
+            raise ValueError(f"shard entry {_short(entry)}: shard_id does not match {file}")
+        checksum = entry.get("checksum")
+        if checksum is not None and not isinstance(checksum, str):
+            raise ValueError(f"shard entry {_short(entry)}: checksum is not a string")
+        return cls(shard_id=values["shard_id"], file=file, num_rows=values["num_rows"],
+                   num_failures=values["num_failures"], bytes=values["bytes"],
+                   checksum=checksum or None)
+
+
+def _short(entry: Any) -> str:
+    text = repr(entry)
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def _count(entry: dict, name: str, required: bool) -> int:
+    """``entry[name]`` as an int >= 0 (0 when absent and not ``required``); ValueError else."""
+    if name not in entry:
+        if required:
+            raise ValueError(f"shard entry {_short(entry)} has no {name!r}")
+        return 0
+    value = entry[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"shard entry {_short(entry)}: {name}={value!r} is not a count")
+    return value
 
 
 # --------------------------------------------------------------------------- writer
