@@ -32,19 +32,10 @@ def _ordered(shards: Iterable[ShardInfo]) -> list[ShardInfo]:
     return [by_id[k] for k in sorted(by_id)]
 
 
-def write_manifest(
-    out_dir: str | os.PathLike,
-    *,
-    meta: dict,
-    plan: dict,
-    shards: Iterable[ShardInfo],
-    complete: bool,
-) -> None:
-    """Write manifest.json (atomically) listing ``shards``: cheap enough to call after every
-    commit, so that the finished shards of a run stopped at any moment can be read."""
+def _write_manifest(out: Path, meta: dict, plan: dict, ordered: list[ShardInfo],
+                    complete: bool) -> None:
     from clipfeat import __version__
 
-    ordered = _ordered(shards)
     manifest = {
         "format": "clipfeat",
         "format_version": FORMAT_VERSION,
@@ -58,7 +49,7 @@ def write_manifest(
         "shards": [s.to_manifest() for s in ordered],
         "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    atomic_write_json(Path(out_dir) / MANIFEST, manifest)
+    atomic_write_json(out / MANIFEST, manifest)
 
 
 def finalize(
@@ -82,7 +73,7 @@ def finalize(
     atomic_write_lines(out / FAILURES, failure_lines())
     if complete:
         write_index(out, ordered)
-    write_manifest(out, meta=meta, plan=plan, shards=ordered, complete=complete)
+    _write_manifest(out, meta, plan, ordered, complete)
 
 
 MANIFEST_FIX = "rerun the extract command (same settings) to rewrite it, or delete it"
