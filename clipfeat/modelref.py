@@ -23,7 +23,6 @@ transformers config object is built on first use of ``ModelRef.vision_config``.
 from __future__ import annotations
 
 import fnmatch
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from clipfeat import jsonsafe
 from clipfeat.errors import ModelError
 
 logger = logging.getLogger(__name__)
@@ -222,9 +222,10 @@ def _read_json(path: Path, *, name: str, required: bool) -> dict | None:
             )
         return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
         raise ModelError(f"cannot read {path}: {_first_line(err)}") from err
+    data = jsonsafe.loads(text, name=str(path), error=ModelError)
     if not isinstance(data, dict):
         raise ModelError(f"{path} does not hold a JSON object")
     return data

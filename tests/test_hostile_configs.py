@@ -1,0 +1,100 @@
+"""Hostile configs and flags: one line naming the file or value and the fix (exit 2), never a
+traceback, and nothing written to OUT."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import imagegen
+import pytest
+from test_cli_errors import _runner, assert_one_line_error
+
+from clipfeat.cli import app
+
+DEEP = "[" * 200_000
+HUGE_INT = "1" * 5000
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    r = tmp_path_factory.mktemp("hostile-root") / "root"
+    imagegen.make_image(r / "a.png", "RGB", (20, 20))
+    imagegen.make_image(r / "b.jpg", "RGB", (24, 18))
+    return r
+
+
+def ckpt_copy(src: Path, dst: Path, *, weights: bool = True) -> Path:
+    dst.mkdir(parents=True)
+    for f in ("config.json", "preprocessor_config.json", "model.safetensors"):
+        if (src / f).exists() and (weights or f != "model.safetensors"):
+            shutil.copy(src / f, dst / f)
+    return dst
+
+
+def edit_json(path: Path, **changes) -> None:
+    data = json.loads(path.read_text())
+    for key, value in changes.items():
+        target = data
+        *parents, last = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[last] = value
+    path.write_text(json.dumps(data))
+
+
+def run_cli(args: list[str], out: Path, needle: str) -> str:
+    res = _runner().invoke(app, ["extract", *args, "--out", str(out), "--device", "cpu"])
+    line = assert_one_line_error(res.exit_code, res.stdout, res.stderr, needle)
+    assert not out.exists(), "OUT was created"
+    return line
+
+
+def run_info(model: Path, needle: str) -> str:
+    res = _runner().invoke(app, ["info", str(model)])
+    return assert_one_line_error(res.exit_code, res.stdout, res.stderr, needle)
+
+
+# --------------------------------------------------------------------------- 1. hostile JSON
+
+
+@pytest.mark.parametrize("content,needle", [
+    (DEEP, "nested too deeply"),
+    ("[" + HUGE_INT + "]", "more than 4300 digits"),
+    ('{"image": "a.png"}\n{"image": ' + HUGE_INT + "}\n", "line 2"),
+    ('{"image": "a.png"}\n' + DEEP + "\n", "nested too deeply"),
+], ids=["deep-list", "huge-int", "huge-int-jsonl", "deep-jsonl"])
+def test_hostile_llava_json_is_one_line(tmp_path, root, clip_full_dir, content, needle):
+    f = tmp_path / "train.json"
+    f.write_text(content)
+    line = run_cli(["--llava-json", str(f), "--image-folder", str(root), "--model",
+                    str(clip_full_dir)], tmp_path / "out", needle)
+    assert str(f) in line
+
+
+@pytest.mark.parametrize("line", [DEEP, HUGE_INT], ids=["deep", "huge-int"])
+def test_hostile_files_from_line_is_a_failure_not_a_crash(tmp_path, root, clip_full_dir, line):
+    """A file list holds paths, not JSON: a hostile line is one more missing input."""
+    f = tmp_path / "files.txt"
+    f.write_text(f"a.png\n{line}\n")
+    out = tmp_path / "out"
+    res = _runner().invoke(app, ["extract", str(root), "--files-from", str(f), "--out", str(out),
+                                 "--model", str(clip_full_dir), "--device", "cpu",
+                                 "--workers", "0", "--quiet", "--json"])
+    assert res.exit_code == 0, res.stderr
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["extracted"] == 1 and summary["failed"] == 1
+
+
+@pytest.mark.parametrize("which", ["config.json", "preprocessor_config.json"])
+@pytest.mark.parametrize("content,needle", [
+    (DEEP, "nested too deeply"),
+    ('{"model_type": "clip", "x": ' + HUGE_INT + "}", "more than 4300 digits"),
+], ids=["deep", "huge-int"])
+def test_hostile_model_json_is_one_line(tmp_path, root, clip_full_dir, which, content, needle):
+    model = ckpt_copy(clip_full_dir, tmp_path / "model")
+    (model / which).write_text(content)
+    line = run_cli([str(root), "--model", str(model)], tmp_path / "out", needle)
+    assert str(model / which) in line
+    run_info(model, needle)
