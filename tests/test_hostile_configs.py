@@ -12,6 +12,7 @@ import pytest
 from test_cli_errors import _runner, assert_one_line_error
 
 from clipfeat.cli import app
+from clipfeat.errors import ConfigError
 
 DEEP = "[" * 200_000
 HUGE_INT = "1" * 5000
@@ -98,3 +99,50 @@ def test_hostile_model_json_is_one_line(tmp_path, root, clip_full_dir, which, co
     line = run_cli([str(root), "--model", str(model)], tmp_path / "out", needle)
     assert str(model / which) in line
     run_info(model, needle)
+
+
+# --------------------------------------------------------------------------- 4. flags
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--decode-timeout", "inf"], "--decode-timeout inf is invalid"),
+    (["--decode-timeout", "nan"], "--decode-timeout nan is invalid"),
+    (["--decode-timeout", "-1"], "at most 86400"),
+    (["--decode-timeout", "100000"], "--decode-timeout 100000"),
+    (["--shard-size", "100000000"], "--shard-size 100,000,000 is too large"),
+    (["--max-pixels", "100000000000000"], "--max-pixels 100,000,000,000,000 is too large"),
+    (["--limit", "-3"], "--limit -3"),
+    (["--batch-size", "100000000"], "use at most --batch-size"),
+], ids=["timeout-inf", "timeout-nan", "timeout-negative", "timeout-days", "shard-size-huge",
+        "max-pixels-huge", "limit-negative", "batch-size-huge"])
+def test_absurd_flags_are_one_line(tmp_path, root, clip_full_dir, args, needle):
+    run_cli([str(root), "--model", str(clip_full_dir), *args], tmp_path / "out", needle)
+
+
+def test_batch_size_limit_follows_ram(monkeypatch):
+    from clipfeat import config
+
+    monkeypatch.setattr(config, "physical_memory", lambda: 1 << 30)
+    config.check_batch_memory(93, image_bytes=3 * 336 * 336, feature_bytes=4 * 576 * 1024,
+                              what="at 336x336 px")
+    with pytest.raises(ConfigError, match=r"--batch-size 100,000 .* use at most --batch-size 93\b"):
+        config.check_batch_memory(100_000, image_bytes=3 * 336 * 336,
+                                  feature_bytes=4 * 576 * 1024, what="at 336x336 px")
+
+
+def test_workers_are_capped_at_cpus_and_images(tmp_path, root, clip_full_dir, caplog,
+                                               monkeypatch):
+    from clipfeat import config
+    from clipfeat.pipeline.extract import prepare
+
+    monkeypatch.setattr(config, "available_cpus", lambda: 3)
+    cfg = config.ExtractConfig(roots=(str(root),), out=str(tmp_path / "out"),
+                               model=str(clip_full_dir), device="cpu", workers=1000)
+    with caplog.at_level("INFO", logger="clipfeat.config"):
+        prep = prepare(cfg)
+    assert prep.cfg.workers == 2  # two images
+    assert "--workers 1000 capped at 3 (the CPUs available)" in caplog.text
+    assert "--workers 3 capped at 2 (the images to decode)" in caplog.text
+    assert config.ExtractConfig(workers=0).capped_workers(5) == 0
+    assert config.ExtractConfig(workers=2).capped_workers(0) == 1
+    assert not (tmp_path / "out").exists()

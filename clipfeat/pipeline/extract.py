@@ -93,6 +93,7 @@ def _extract(cfg: ExtractConfig, progress: Progress | None) -> Summary:
 
     t0 = time.perf_counter()
     prep = prepare(cfg)
+    cfg = prep.cfg  # with the worker count capped
     out = prep.out
     feed: DecodeFeed | None = None
     dist = None
@@ -178,7 +179,11 @@ def prepare(cfg: ExtractConfig) -> Prepared:
     spec = PreprocessSpec.from_processor_config(
         ref.preprocessor_config, family=ref.family, image_size=ref.image_size
     )
-    items, exts = _gather_items(cfg, out, scan=distributed.env_world()[0] == 0)
+    _check_batch_memory(cfg, ref, spec)
+    scan = distributed.env_world()[0] == 0
+    items, exts = _gather_items(cfg, out, scan=scan)
+    images = sum(1 for it in items if not it.error) if scan else None
+    cfg = dataclasses.replace(cfg, workers=cfg.capped_workers(images))
     settings = RunSettings.of(cfg, ref, spec, source_record(cfg, exts))
     plan = None
     if not cfg.overwrite:
@@ -195,6 +200,19 @@ def prepare(cfg: ExtractConfig) -> Prepared:
                 f"--out {out} holds shards but no plan: use another --out, or --overwrite"
             )
     return Prepared(cfg, out, ref, spec, settings, items, plan)
+
+
+def _check_batch_memory(cfg: ExtractConfig, ref: Any, spec: Any) -> None:
+    """Refuse a --batch-size whose pixels and features do not fit in memory (ConfigError)."""
+    from clipfeat.config import check_batch_memory
+    from clipfeat.tower import tokens_per_image
+
+    tokens = tokens_per_image(ref, cfg.feature)
+    check_batch_memory(
+        cfg.batch_size, image_bytes=3 * spec.out_height * spec.out_width,
+        feature_bytes=4 * tokens * ref.hidden_size,
+        what=f"at {spec.out_height}x{spec.out_width} px and {tokens}x{ref.hidden_size} features",
+    )
 
 
 def _gather_items(cfg: ExtractConfig, out: Path, *, scan: bool = True
