@@ -4,7 +4,9 @@ traceback, and nothing written to OUT."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import imagegen
@@ -146,3 +148,50 @@ def test_workers_are_capped_at_cpus_and_images(tmp_path, root, clip_full_dir, ca
     assert config.ExtractConfig(workers=0).capped_workers(5) == 0
     assert config.ExtractConfig(workers=2).capped_workers(0) == 1
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- 5. SIGHUP
+
+
+@pytest.mark.slow
+def test_sighup_stops_cleanly_and_a_rerun_completes(tmp_path, clip_full_dir):
+    """A closed terminal hangs up the run's whole process group: the run stops like on
+    SIGTERM (exit 129, the message, no partial shard) and the same command finishes it."""
+    from stores import shard_files
+    from test_resume import (
+        Proc,
+        assert_no_orphans,
+        assert_same_store,
+        assert_shards_sound,
+        cli_args,
+        clipfeat_module_cmd,
+        extract_in_process,
+        make_tree,
+        wait_until,
+    )
+
+    root = tmp_path / "tree"
+    make_tree(root, 60)
+    reference = tmp_path / "ref"
+    extract_in_process(root, reference, clip_full_dir)
+    out = tmp_path / "out"
+    cli = cli_args(root, out, clip_full_dir, "--workers", "1")
+    p = Proc(clipfeat_module_cmd(*cli), tmp_path / "logs", "sighup")
+    try:
+        assert wait_until(lambda: len(shard_files(out)) >= 1, p), f"finished first\n{p.stderr}"
+        os.killpg(p.pid, signal.SIGHUP)
+        assert p.wait(timeout=60) == 128 + signal.SIGHUP, p.stderr
+        assert "interrupted by SIGHUP" in p.stderr and "Resume by running the same command" \
+            in p.stderr, p.stderr
+        assert "Traceback" not in p.stderr, p.stderr
+        assert not list(out.glob("*.partial")), "a hang-up must remove its partial shard"
+        assert len(shard_files(out)) < 15, "the run went on after SIGHUP"
+        assert_no_orphans(p.marker)
+        assert_shards_sound(out, "after SIGHUP")
+    finally:
+        p.cleanup()
+    res = _runner().invoke(app, cli)
+    assert res.exit_code == 0, res.stderr
+    assert "resuming:" in res.stderr
+    assert not list(out.glob("*.partial"))
+    assert_same_store(out, reference, "after SIGHUP and a rerun")
