@@ -195,3 +195,27 @@ def test_sighup_stops_cleanly_and_a_rerun_completes(tmp_path, clip_full_dir):
     assert "resuming:" in res.stderr
     assert not list(out.glob("*.partial"))
     assert_same_store(out, reference, "after SIGHUP and a rerun")
+
+
+# --------------------------------------------------------------------------- 2. processor size
+
+
+@pytest.mark.parametrize("family,changes,needle", [
+    ("clip", {"crop_size": {"height": 24, "width": 24}},
+     "crop_size gives 24x24 px images but the model takes 30x30 (image_size 30 in"),
+    ("siglip", {"size": {"height": 32, "width": 32}},
+     "size gives 32x32 px images but the model takes 28x28 (image_size 28 in"),
+])
+def test_processor_size_differs_from_tower(tmp_path, root, clip_full_dir, siglip_dir, family,
+                                           changes, needle):
+    from clipfeat import info
+
+    src = clip_full_dir if family == "clip" else siglip_dir
+    model = ckpt_copy(src, tmp_path / "model")
+    edit_json(model / "preprocessor_config.json", **changes)
+    line = run_cli([str(root), "--model", str(model)], tmp_path / "out", needle)
+    assert str(model / "preprocessor_config.json") in line
+    d = info.describe_model(str(model))
+    assert any(needle in w for w in d["warnings"]), d["warnings"]
+    res = _runner().invoke(app, ["info", str(model)])
+    assert res.exit_code == 0 and needle in res.stdout, res.stdout

@@ -159,7 +159,7 @@ def prepare(cfg: ExtractConfig) -> Prepared:
     from clipfeat import distributed
     from clipfeat.modelref import resolve_model
     from clipfeat.plan import load_plan
-    from clipfeat.preprocess import PreprocessSpec
+    from clipfeat.preprocess import PreprocessSpec, check_spec_fits
     from clipfeat.tower import check_feature
 
     cfg.validate()
@@ -179,6 +179,7 @@ def prepare(cfg: ExtractConfig) -> Prepared:
     spec = PreprocessSpec.from_processor_config(
         ref.preprocessor_config, family=ref.family, image_size=ref.image_size
     )
+    check_spec_fits(spec, ref.image_size, path=ref.local_dir / "preprocessor_config.json")
     _check_batch_memory(cfg, ref, spec)
     scan = distributed.env_world()[0] == 0
     items, exts = _gather_items(cfg, out, scan=scan)
