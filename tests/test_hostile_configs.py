@@ -14,7 +14,7 @@ import pytest
 from test_cli_errors import _runner, assert_one_line_error
 
 from clipfeat.cli import app
-from clipfeat.errors import ConfigError
+from clipfeat.errors import ConfigError, ModelError
 
 DEEP = "[" * 200_000
 HUGE_INT = "1" * 5000
@@ -219,3 +219,57 @@ def test_processor_size_differs_from_tower(tmp_path, root, clip_full_dir, siglip
     assert any(needle in w for w in d["warnings"]), d["warnings"]
     res = _runner().invoke(app, ["info", str(model)])
     assert res.exit_code == 0 and needle in res.stdout, res.stdout
+
+
+# --------------------------------------------------------------------------- 3. absurd sizes
+
+
+@pytest.mark.parametrize("family,extra", [
+    ("clip", {}), ("clip", {"num_channels": 4, "intermediate_size": 40}),
+    ("siglip", {}), ("siglip", {"vision_use_head": False}),
+])
+def test_vision_parameters_match_transformers(tmp_path, family, extra):
+    """The config formula counts what transformers builds, without building the real size."""
+    import transformers
+
+    from clipfeat.modelref import resolve_model
+
+    cls = "CLIP" if family == "clip" else "Siglip"
+    sizes = dict(hidden_size=24, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=48, image_size=28, patch_size=7)
+    config = getattr(transformers, f"{cls}VisionConfig")(**dict(sizes, **extra))
+    model = getattr(transformers, f"{cls}VisionModel")(config)
+    config.save_pretrained(tmp_path)
+    ref = resolve_model(str(tmp_path))
+    assert ref.vision_parameters == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("num_hidden_layers", 1_000_000, "vision num_hidden_layers is 1,000,000, more than any"),
+    ("hidden_size", 10**9, "vision hidden_size is 1,000,000,000"),
+    ("image_size", 10**7, "vision image_size is 10,000,000"),
+    ("patch_size", 31, "patch_size 31 is larger than image_size 30"),
+    ("num_hidden_layers", 4, "parameters (num_hidden_layers 4, hidden_size 32"),
+    ("intermediate_size", 65, "holds only 30,080 (the rest would be random)"),
+])
+def test_config_that_does_not_fit_the_weights(tmp_path, root, clip_full_dir, key, value, needle):
+    from clipfeat.modelref import resolve_model
+
+    model = ckpt_copy(clip_full_dir, tmp_path / "model")
+    edit_json(model / "config.json", **{f"vision_config.{key}": value})
+    line = run_cli([str(root), "--model", str(model)], tmp_path / "out", needle)
+    assert str(model / "config.json") in line
+    run_info(model, needle)
+    with pytest.raises(ModelError, match="config"):
+        resolve_model(str(model), need_weights=True)
+
+
+def test_pickle_weights_too_small_for_the_config(tmp_path, root, clip_vision_dir):
+    import torch
+    from safetensors.torch import load_file
+
+    model = ckpt_copy(clip_vision_dir, tmp_path / "model", weights=False)
+    torch.save(load_file(clip_vision_dir / "model.safetensors"), model / "pytorch_model.bin")
+    edit_json(model / "config.json", num_hidden_layers=40)
+    run_cli([str(root), "--model", str(model), "--allow-pickle"], tmp_path / "out",
+            "but pytorch_model.bin has only")
