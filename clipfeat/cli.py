@@ -223,11 +223,14 @@ def extract(
         summary = run_extract(cfg, progress=bar)
     except Interrupted as err:
         bar.close()
-        typer.echo(
-            f"clipfeat: {err}; finished shards in {out} are intact. "
-            "Resume by running the same command again.",
-            err=True,
-        )
+        try:
+            typer.echo(
+                f"clipfeat: {err}; finished shards in {out} are intact. "
+                "Resume by running the same command again.",
+                err=True,
+            )
+        except OSError:  # SIGHUP: the terminal that would show it is gone
+            pass
         raise typer.Exit(err.exit_code) from None
     except ClipfeatError as err:
         bar.close()

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from clipfeat.errors import ConfigError
+from clipfeat.units import human_bytes
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "openai/clip-vit-large-patch14-336"
 #: ``patch``: every patch token (CLS dropped where the tower has one); ``cls_patch``: all tokens.
@@ -18,15 +23,75 @@ DTYPES = ("auto", "float16", "bfloat16", "float32")
 STORE_DTYPES = ("float16", "float32")  # clipfeat.store.attrs maps each to its bytes on disk
 #: Pillow's own default ``Image.MAX_IMAGE_PIXELS`` (1 GiB of 24-bit pixels / 4 / 3).
 DEFAULT_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3
+#: Upper bounds of flags whose larger values can only be mistakes.
+MAX_SHARD_SIZE = 1_000_000
+MAX_MAX_PIXELS = 10_000_000_000  # 10 gigapixels: 30 GB of RGB
+MAX_DECODE_TIMEOUT = 86400.0  # one day
+#: The share of physical RAM a batch's pixels and features may take (`check_batch_memory`).
+MEMORY_SHARE = 0.5
 
 
-def default_workers() -> int:
-    """Decode processes to start when the user does not say: one per core, at most 16."""
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask), at least 1."""
     try:
         n = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         n = os.cpu_count() or 1
-    return max(1, min(16, n))
+    return max(1, n)
+
+
+def default_workers() -> int:
+    """Decode processes to start when the user does not say: one per core, at most 16."""
+    return min(16, available_cpus())
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None) -> None:
+    """ConfigError unless ``value`` is an integer in [low, high] (no upper bound if None)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name} {value!r} is invalid: it must be an integer >= {low}")
+    if high is not None and value > high:
+        raise ConfigError(f"{name} {value:,} is too large: it must be between {low} and "
+                          f"{high:,}")
+
+
+def physical_memory() -> int | None:
+    """This machine's physical RAM in bytes, or None if the system does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - not POSIX
+        return None
+
+
+def check_batch_memory(batch_size: int, *, image_bytes: int, feature_bytes: int,
+                       what: str) -> None:
+    """ConfigError if ``batch_size`` images cannot be held in `MEMORY_SHARE` of the RAM.
+
+    A run holds about three batches of uint8 pixels in shared memory (the decode slots: the
+    feeder's queue of two batches and the batch being gathered) and two batches of float32
+    features (one on the device, one going to the writer); ``image_bytes`` is 3*H*W and
+    ``feature_bytes`` tokens*hidden*4 of one image; ``what`` names the model's sizes.
+    """
+    ram = physical_memory()
+    if not ram:
+        return
+    per_image = 3 * image_bytes + 2 * feature_bytes
+    budget = int(ram * MEMORY_SHARE)
+    largest = max(1, budget // per_image)
+    if batch_size > largest:
+        raise ConfigError(
+            f"--batch-size {batch_size:,} is too large for this machine: {what} it needs about "
+            f"{human_bytes(batch_size * per_image)} of pixels and features, more than half of "
+            f"the {human_bytes(ram)} of RAM; use at most --batch-size {largest:,}"
+        )
+
+
+def _check_timeout(value: Any) -> None:
+    """--decode-timeout: a finite number of seconds in (0, MAX_DECODE_TIMEOUT]."""
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float))
+          and math.isfinite(value) and 0 < value <= MAX_DECODE_TIMEOUT)
+    if not ok:
+        raise ConfigError(f"--decode-timeout {value!r} is invalid: it must be a number of "
+                          f"seconds > 0 and at most {MAX_DECODE_TIMEOUT:g} (one day)")
 
 
 @dataclass(frozen=True)
@@ -102,21 +167,34 @@ class ExtractConfig:
             raise ConfigError(f"--device {dev!r} is not valid: use auto, cpu, cuda or cuda:N")
 
     def _validate_numbers(self) -> None:
-        """Check the sizes, counts and limits."""
-        for name, value, low in (
-            ("--batch-size", self.batch_size, 1),
-            ("--shard-size", self.shard_size, 1),
+        """Check the sizes, counts and limits (types and ranges)."""
+        _check_int("--batch-size", self.batch_size, 1, None)
+        _check_int("--shard-size", self.shard_size, 1, MAX_SHARD_SIZE)
+        for name, value, low, high in (
+            ("--workers", self.workers, 0, None),
+            ("--limit", self.limit, 1, None),
+            ("--max-pixels", self.max_pixels, 1, MAX_MAX_PIXELS),
         ):
-            if not isinstance(value, int) or value < low:
-                raise ConfigError(f"{name} {value!r} is invalid: it must be an integer >= {low}")
-        if self.workers is not None and self.workers < 0:
-            raise ConfigError(f"--workers {self.workers} is invalid: use 0 (in-process) or more")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"--limit {self.limit} is invalid: it must be >= 1")
-        if self.max_pixels is not None and self.max_pixels < 1:
-            raise ConfigError(f"--max-pixels {self.max_pixels} is invalid: it must be >= 1")
-        if not self.decode_timeout > 0:
-            raise ConfigError(f"--decode-timeout {self.decode_timeout} is invalid: it must be > 0")
+            if value is not None:
+                _check_int(name, value, low, high)
+        _check_timeout(self.decode_timeout)
+
+    def capped_workers(self, images: int | None) -> int:
+        """The decode processes to start: `num_workers`, at most one per available CPU and
+        one per image to decode (``images``, None if unknown); a notice says when capped."""
+        n = self.num_workers
+        if n == 0:
+            return 0
+        limits = [(available_cpus(), "CPUs available")]
+        if images is not None:
+            limits.append((max(1, images), "images to decode"))
+        for cap, what in limits:
+            if n > cap:
+                # A notice for a count the user asked for; the default is capped quietly.
+                level = logging.INFO if self.workers is None else logging.WARNING
+                logger.log(level, "--workers %d capped at %d (the %s)", n, cap, what)
+                n = cap
+        return n
 
     def _validate_inputs(self) -> None:
         """Check that the input options (ROOTs, --files-from, --llava-json) fit together."""

@@ -7,6 +7,7 @@ from typing import Any
 
 from clipfeat.errors import ConfigError
 from clipfeat.modelref import resolve_model
+from clipfeat.preprocess import size_mismatch
 from clipfeat.tower import check_feature, resolve_layer, tokens_per_image
 from clipfeat.units import human_bytes
 
@@ -62,11 +63,12 @@ def describe_model(
     }
     warnings = []
     out_size = _output_size(preprocessing)
-    if out_size is not None and out_size != (ref.image_size, ref.image_size):
-        warnings.append(
-            f"preprocessing yields {out_size[0]}x{out_size[1]} px but the model expects "
-            f"{ref.image_size}x{ref.image_size}"
-        )
+    if out_size is not None:  # the very message `clipfeat extract` stops with
+        key = "crop_size" if preprocessing["crop"] else "size"
+        mismatch = size_mismatch(out_size, ref.image_size, key=key,
+                                 path=ref.local_dir / "preprocessor_config.json")
+        if mismatch is not None:
+            warnings.append(mismatch + " (clipfeat extract refuses it)")
     if preprocessing["source"] != "preprocessor_config.json":
         warnings.append("no preprocessor_config.json: the image processor's defaults are used")
     data["warnings"] = warnings

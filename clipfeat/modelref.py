@@ -23,7 +23,6 @@ transformers config object is built on first use of ``ModelRef.vision_config``.
 from __future__ import annotations
 
 import fnmatch
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from clipfeat import jsonsafe
 from clipfeat.errors import ModelError
 
 logger = logging.getLogger(__name__)
@@ -46,9 +46,28 @@ SUPPORTED_MODEL_TYPES = {
 # transformers' defaults for the few fields we read ourselves, used only when config.json
 # omits them (CLIPVisionConfig / SiglipVisionConfig __init__ defaults).
 _VISION_DEFAULTS = {
-    "clip": {"hidden_size": 768, "num_hidden_layers": 12, "image_size": 224, "patch_size": 32},
-    "siglip": {"hidden_size": 768, "num_hidden_layers": 12, "image_size": 224, "patch_size": 16},
+    "clip": {"hidden_size": 768, "num_hidden_layers": 12, "image_size": 224, "patch_size": 32,
+             "intermediate_size": 3072, "num_channels": 3},
+    "siglip": {"hidden_size": 768, "num_hidden_layers": 12, "image_size": 224, "patch_size": 16,
+               "intermediate_size": 3072, "num_channels": 3},
 }
+
+#: The largest value of each vision size that any real tower comes near (ViT-g/14 has 40
+#: blocks of width 1,408; So400m 27 of width 1,152): larger ones are mistakes, refused
+#: before anything is built or read.
+_VISION_LIMITS = {
+    "num_hidden_layers": 1_000,
+    "hidden_size": 65_536,
+    "intermediate_size": 262_144,
+    "image_size": 16_384,
+    "patch_size": 1_024,
+    "num_channels": 16,
+}
+
+#: Where the vision tower's tensors live in a checkpoint (vision-only and full alike).
+_VISION_PREFIX = "vision_model."
+#: Largest safetensors header read (the format's own limit is 100 MB).
+_MAX_HEADER = 100_000_000
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -99,6 +118,33 @@ class ModelRef:
         return self._vision_int("patch_size")
 
     @property
+    def intermediate_size(self) -> int:
+        return self._vision_int("intermediate_size")
+
+    @property
+    def num_channels(self) -> int:
+        return self._vision_int("num_channels")
+
+    @property
+    def vision_parameters(self) -> int:
+        """Parameters of the vision tower config.json describes (what transformers builds:
+        ``CLIPVisionModel`` / ``SiglipVisionModel``), computed without building it."""
+        h, i = self.hidden_size, self.intermediate_size
+        patch = self.num_channels * self.patch_size ** 2 * h  # the patch conv's weight
+        block = 4 * (h * h + h) + (h * i + i) + (i * h + h) + 2 * 2 * h  # attn, mlp, 2 norms
+        total = self.num_hidden_layers * block + 2 * h  # post_layernorm
+        if self.family == "clip":  # class token, bias-free conv, positions incl. CLS, pre-norm
+            return total + h + patch + (self.num_patches + 1) * h + 2 * h
+        total += patch + h + self.num_patches * h
+        if self.vision_dict.get("vision_use_head", True):  # attention-pooling head
+            total += h + (3 * h * h + 3 * h) + (h * h + h) + 2 * h + (h * i + i) + (i * h + h)
+        return total
+
+    def _sizes(self) -> str:
+        """The config values the parameter count follows, for messages."""
+        return ", ".join(f"{k} {self._vision_int(k):,}" for k in _VISION_LIMITS)
+
+    @property
     def has_cls_token(self) -> bool:
         """CLIP prepends a class token; SigLIP has none."""
         return self.family == "clip"
@@ -132,6 +178,12 @@ class ModelRef:
             raise ModelError(
                 f"{self.local_dir / 'config.json'}: vision {key} is {value!r}, "
                 "expected a positive integer"
+            )
+        limit = _VISION_LIMITS.get(key)
+        if limit is not None and value > limit:
+            raise ModelError(
+                f"{self.local_dir / 'config.json'}: vision {key} is {value:,}, more than any "
+                f"CLIP/SigLIP tower has (at most {limit:,}); the config is damaged"
             )
         return value
 
@@ -190,9 +242,15 @@ def resolve_model(
         vision_dict=vision_dict,
         weights_revision=weights_revision,
     )
-    # Read the geometry now so a malformed config fails here, not half-way through a run.
-    for key in ("hidden_size", "num_hidden_layers", "image_size", "patch_size"):
+    # Read the geometry now so a malformed config fails here, not half-way through a run,
+    # and hold it against the weights before anything is built from it.
+    for key in _VISION_LIMITS:
         getattr(ref, key)
+    if ref.patch_size > ref.image_size:
+        raise ModelError(f"{local_dir / 'config.json'}: vision patch_size {ref.patch_size} is "
+                         f"larger than image_size {ref.image_size}; the config is damaged")
+    if weights is not None:
+        _check_weights_fit(ref, weights)
     logger.debug("resolved model %r -> %s (%s)", name, local_dir, model_type)
     return ref
 
@@ -222,9 +280,10 @@ def _read_json(path: Path, *, name: str, required: bool) -> dict | None:
             )
         return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
         raise ModelError(f"cannot read {path}: {_first_line(err)}") from err
+    data = jsonsafe.loads(text, name=str(path), error=ModelError)
     if not isinstance(data, dict):
         raise ModelError(f"{path} does not hold a JSON object")
     return data
@@ -286,6 +345,74 @@ def _find_weights(local_dir: Path, *, name: str, need_weights: bool, allow_pickl
         f"model folder {str(local_dir)!r} has no weights ({SAFETENSORS_FILE} or "
         f"{SAFETENSORS_INDEX}); pass a complete checkpoint folder"
     )
+
+
+def _weight_files(weights: Path, *, name: str) -> list[Path]:
+    """The files holding the weights: ``weights`` itself, or the shards its index lists."""
+    if not weights.name.endswith(".index.json"):
+        return [weights]
+    data = _read_json(weights, name=name, required=True) or {}
+    return [weights.parent / str(f) for f in sorted(set(data["weight_map"].values()))]
+
+
+def _safetensors_vision_count(path: Path, *, vision_only: bool) -> int:
+    """Elements of the vision tower's tensors in a safetensors file, from its header only:
+    those under ``vision_model.``, or in a vision-only checkpoint saved without that prefix
+    (as transformers 5 saves them) every tensor."""
+    try:
+        with open(path, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            if not 0 < size <= _MAX_HEADER:
+                raise ModelError(f"{path}: not a safetensors file (header size {size:,})")
+            header = jsonsafe.loads(fh.read(size).decode("utf-8", "replace"), name=str(path),
+                                    error=ModelError, what="safetensors header")
+    except OSError as err:
+        raise ModelError(f"cannot read {path}: {_first_line(err)}") from err
+    if not isinstance(header, dict):
+        raise ModelError(f"{path}: not a safetensors file (its header is not an object)")
+    header.pop("__metadata__", None)
+    prefixed = any(key.startswith(_VISION_PREFIX) for key in header)
+    total = 0
+    for key, info in header.items():
+        # position_ids: a buffer that older checkpoints carry, not a parameter.
+        if (prefixed or not vision_only) and not key.startswith(_VISION_PREFIX) \
+                or key.endswith("position_ids"):
+            continue
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise ModelError(f"{path}: tensor {key!r} has no valid shape; the file is damaged")
+        count = 1
+        for d in shape:
+            count *= d
+        total += count
+    return total
+
+
+def _check_weights_fit(ref: ModelRef, weights: Path) -> None:
+    """ModelError unless the weights hold the tower config.json describes: as many vision
+    parameters (safetensors, from the headers) or, for pickle, bytes for them at 16 bits."""
+    expected = ref.vision_parameters
+    files = _weight_files(weights, name=ref.name)
+    config = ref.local_dir / "config.json"
+    if all(f.name.endswith(".safetensors") for f in files):
+        found = sum(_safetensors_vision_count(f, vision_only=not ref.is_full_checkpoint)
+                    for f in files)
+        if found != expected:
+            held = (f"only {found:,} (the rest would be random)" if found < expected
+                    else f"{found:,}")
+            raise ModelError(
+                f"{config} describes a vision tower of {expected:,} parameters "
+                f"({ref._sizes()}) but {weights.name} holds {held}: the config does not "
+                "belong to these weights"
+            )
+        return
+    size = sum(f.stat().st_size for f in files if f.is_file())
+    if size < 2 * expected:
+        raise ModelError(
+            f"{config} describes a vision tower of {expected:,} parameters ({ref._sizes()}) "
+            f"but {weights.name} has only {size:,} bytes (at least {2 * expected:,} at 16 "
+            "bits): the config does not belong to these weights"
+        )
 
 
 def _check_shards(index: Path, *, name: str) -> None:

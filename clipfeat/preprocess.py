@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, Union
 
 from clipfeat.config import ASPECTS, DEFAULT_MAX_PIXELS
-from clipfeat.errors import ConfigError
+from clipfeat.errors import ConfigError, ModelError
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -192,6 +192,27 @@ class PreprocessSpec:
         short, long = (width, height) if width <= height else (height, width)
         new_long = int(size * long / short)  # type: ignore[operator]
         return (new_long, size) if width <= height else (size, new_long)  # type: ignore[return-value]
+
+
+def size_mismatch(out_size: tuple[int, int], image_size: int, *, key: str,
+                  path: Any) -> str | None:
+    """Why a processor making ``out_size`` (height, width) images cannot feed a tower of
+    ``image_size`` px, naming both sizes and the fix; None if it can. ``key`` is the
+    preprocessor_config.json entry that decides the size (``crop_size`` or ``size``)."""
+    height, width = out_size
+    if (height, width) == (image_size, image_size):
+        return None
+    return (f"{path}: {key} gives {height}x{width} px images but the model takes "
+            f"{image_size}x{image_size} (image_size {image_size} in config.json): set {key} to "
+            f"{image_size} in preprocessor_config.json, or pass the checkpoint it belongs to")
+
+
+def check_spec_fits(spec: PreprocessSpec, image_size: int, *, path: Any) -> None:
+    """ModelError unless ``spec`` makes ``image_size`` square images (see `size_mismatch`)."""
+    key = "crop_size" if spec.do_center_crop else "size"
+    msg = size_mismatch((spec.out_height, spec.out_width), image_size, key=key, path=path)
+    if msg is not None:
+        raise ModelError(msg)
 
 
 def _resample_name(code: int) -> str:

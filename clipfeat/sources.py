@@ -12,7 +12,6 @@ import contextlib
 import errno
 import gc
 import heapq
-import json
 import logging
 import os
 import stat
@@ -20,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple, Sequence
 
+from clipfeat import jsonsafe
 from clipfeat.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -385,6 +385,14 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+def _is_one_object(text: str, name: str) -> bool:
+    """Whether a file whose first line is not a JSON value holds one JSON object."""
+    try:
+        return isinstance(jsonsafe.loads(text, name=name), dict)
+    except ConfigError:
+        return False
+
+
 def read_llava_samples(file: str | Path) -> list[tuple[str, object]]:
     """[(where, sample)] from a LLaVA JSON list or JSON Lines file (UTF-8, with or without
     a BOM); `where` names the sample. The one reader of LLaVA data files."""
@@ -396,12 +404,7 @@ def read_llava_samples(file: str | Path) -> list[tuple[str, object]]:
         raise ConfigError(f"{name}: not valid UTF-8 at byte {exc.start}: save it as UTF-8") from exc
     head = text.lstrip()[:1]
     if head == "[":
-        try:
-            samples = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(
-                f"{name}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
-            ) from exc
+        samples = jsonsafe.loads(text, name=name)
         return [(f"sample {i}", s) for i, s in enumerate(samples)]
     if head == "{":
         out: list[tuple[str, object]] = []
@@ -409,21 +412,14 @@ def read_llava_samples(file: str | Path) -> list[tuple[str, object]]:
             if not line.strip():
                 continue
             try:
-                sample = json.loads(line)
-            except json.JSONDecodeError as exc:
-                if not out:
-                    try:
-                        whole = json.loads(text)
-                    except json.JSONDecodeError:
-                        whole = None
-                    if isinstance(whole, dict):
-                        raise ConfigError(
-                            f"{name}: holds a single JSON object; expected a JSON list of "
-                            "samples or JSON Lines (one sample per line)"
-                        ) from exc
-                raise ConfigError(
-                    f"{name}: invalid JSON Lines at line {lineno} column {exc.colno}: {exc.msg}"
-                ) from exc
+                sample = jsonsafe.loads(line, name=name, line=lineno, what="JSON Lines")
+            except ConfigError:
+                if not out and _is_one_object(text, name):
+                    raise ConfigError(
+                        f"{name}: holds a single JSON object; expected a JSON list of "
+                        "samples or JSON Lines (one sample per line)"
+                    ) from None
+                raise
             out.append((f"sample {len(out)} (line {lineno})", sample))
         return out
     if not head:

@@ -78,15 +78,21 @@ def test_pickle_only_refused_unless_allowed(tmp_path, clip_vision_dir):
 
 
 def test_sharded_index_with_missing_shard(tmp_path, clip_vision_dir):
+    from safetensors.torch import load_file, save_file
+
     folder = _copy(clip_vision_dir, tmp_path / "sharded", "config.json")
-    shutil.copy(clip_vision_dir / "model.safetensors", folder / "model-00001-of-00002.safetensors")
-    index = {"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors",
-                                            "b": "model-00002-of-00002.safetensors"}}
+    tensors = load_file(clip_vision_dir / "model.safetensors")
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    index = {"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    first, second = shards
+    save_file({k: tensors[k] for k in shards[first]}, folder / first)
     with pytest.raises(ModelError, match=r"model-00002-of-00002\.safetensors"):
         resolve_model(str(folder), need_weights=True)
 
-    shutil.copy(clip_vision_dir / "model.safetensors", folder / "model-00002-of-00002.safetensors")
+    save_file({k: tensors[k] for k in shards[second]}, folder / second)
     ref = resolve_model(str(folder), need_weights=True)
     assert ref.weights_file.name == "model.safetensors.index.json"
 
@@ -331,10 +337,11 @@ def pickle_repo(monkeypatch, tmp_path, clip_vision_dir):
     hub = FakeHub(monkeypatch, tmp_path / "hub")
     main = {name: (clip_vision_dir / name).read_bytes()
             for name in ("config.json", "preprocessor_config.json")}
-    main["pytorch_model.bin"] = b"pickle weights"
+    # Stands in for the pickle (never unpickled here); as large as the weights it replaces.
+    weights = (clip_vision_dir / "model.safetensors").read_bytes()
+    main["pytorch_model.bin"] = b"pickle weights" + bytes(len(weights))
     main["README.md"] = b"readme"
     hub.add("main", MAIN_SHA, main)
-    weights = (clip_vision_dir / "model.safetensors").read_bytes()
     hub.add("refs/pr/3", PR_SHA, dict(main, **{"model.safetensors": weights}))
     return hub
 

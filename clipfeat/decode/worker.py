@@ -100,13 +100,16 @@ WORKER_NICENESS = 10
 
 
 def harden_worker(main_pid: int) -> None:
-    """Make a worker die with its parent, ignore Ctrl-C and never dump core.
+    """Make a worker die with its parent, ignore Ctrl-C and hang-ups, never dump core.
 
     Workers also run at a lower priority: the main process (the device loop and, on a
     CPU run, torch's intra-op threads, which stall as a group when one is preempted) gets
     the cores first, and decoding fills the time they leave.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A closed terminal hangs up the whole process group: the parent stops the run.
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         os.nice(WORKER_NICENESS)
     except OSError:

@@ -101,6 +101,7 @@ def _extract(cfg: ExtractConfig, progress: Progress | None) -> Summary:
     dist = None
     try:
         prep = prepare(cfg)
+        cfg = prep.cfg  # with the worker count capped
         plan = None
         if rank == 0:
             plan = extend(prep.existing_plan, prep.items, shard_size=cfg.shard_size,
@@ -230,7 +231,7 @@ def prepare(cfg: ExtractConfig) -> Prepared:
     """
     from clipfeat import distributed
     from clipfeat.modelref import resolve_model
-    from clipfeat.preprocess import PreprocessSpec
+    from clipfeat.preprocess import PreprocessSpec, check_spec_fits
     from clipfeat.tower import check_feature
 
     cfg.validate()
@@ -250,8 +251,12 @@ def prepare(cfg: ExtractConfig) -> Prepared:
     spec = PreprocessSpec.from_processor_config(
         ref.preprocessor_config, family=ref.family, image_size=ref.image_size
     )
+    check_spec_fits(spec, ref.image_size, path=ref.local_dir / "preprocessor_config.json")
+    _check_batch_memory(cfg, ref, spec)
     scan = distributed.env_world()[0] == 0
     items, exts = _gather_items(cfg, out, scan=scan)
+    images = sum(1 for it in items if not it.error) if scan else None
+    cfg = dataclasses.replace(cfg, workers=cfg.capped_workers(images))
     settings = RunSettings.of(cfg, ref, spec, source_record(cfg, exts))
     plan = None
     if not cfg.overwrite and out.is_dir():
@@ -331,6 +336,19 @@ def _shard_identity(intact: dict[int, Any], settings: RunSettings, keep: str) ->
                              f"settings than shard {min(intact)} ({'; '.join(diffs)}): {keep}")
         found = ident
     return dict(found or {}, sources=settings.sources)
+
+
+def _check_batch_memory(cfg: ExtractConfig, ref: Any, spec: Any) -> None:
+    """Refuse a --batch-size whose pixels and features do not fit in memory (ConfigError)."""
+    from clipfeat.config import check_batch_memory
+    from clipfeat.tower import tokens_per_image
+
+    tokens = tokens_per_image(ref, cfg.feature)
+    check_batch_memory(
+        cfg.batch_size, image_bytes=3 * spec.out_height * spec.out_width,
+        feature_bytes=4 * tokens * ref.hidden_size,
+        what=f"at {spec.out_height}x{spec.out_width} px and {tokens}x{ref.hidden_size} features",
+    )
 
 
 def _gather_items(cfg: ExtractConfig, out: Path, *, scan: bool = True

@@ -1,4 +1,8 @@
-"""SIGINT/SIGTERM during a run: raised in the main thread, checked again at safe points."""
+"""SIGINT/SIGTERM/SIGHUP during a run: raised in the main thread, checked again at safe points.
+
+SIGHUP (the terminal closed, an ssh session dropped) stops a run like SIGTERM: the shard
+being written is dropped, finished shards stay, and rerunning the same command resumes.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +25,10 @@ class Signalled(KeyboardInterrupt):
         self.signum = signum
 
 
+#: The signals `signal_guard` turns into `Signalled` (SIGHUP where the platform has it).
+GUARDED = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
+                if hasattr(signal, name))
+
 # Signals caught by the guard. Python only prints an exception raised in a __del__ or weakref
 # callback, so the handler's may be lost: `check_signal` raises it again at safe points.
 _pending: list[int] = []
@@ -33,7 +41,7 @@ def check_signal() -> None:
 
 
 def signal_guard() -> Callable[[], None]:
-    """Turn SIGINT/SIGTERM into `Signalled` in the main thread; returns the undo, which
+    """Turn SIGINT/SIGTERM/SIGHUP into `Signalled` in the main thread; returns the undo, which
     puts the previous handlers back (so `extract` leaves no handler behind)."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
@@ -43,7 +51,7 @@ def signal_guard() -> Callable[[], None]:
         raise Signalled(signum)
 
     _pending.clear()
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, handler) for s in GUARDED}
 
     def undo() -> None:
         for s, h in old.items():
