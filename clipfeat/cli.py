@@ -175,6 +175,7 @@ def extract(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an OUT made with other settings."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights; only for trusted checkpoints."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Redo finished shards whose failures were timeouts, crashes or out-of-memory (not bad files)."),
+    no_follow_outside: bool = typer.Option(False, "--no-follow-outside", help="Do not follow symlinks that lead out of ROOT / --image-folder (recorded as failures)."),
     no_lock: bool = typer.Option(False, "--no-lock", help="Do not lock OUT (file systems without locks; then never run two extracts into one OUT)."),
     strict: bool = typer.Option(False, "--strict", help="Exit 1 if any input failed."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
@@ -211,6 +212,7 @@ def extract(
             allow_pickle=allow_pickle,
             no_lock=no_lock,
             retry_failed=retry_failed,
+            follow_outside=not no_follow_outside,
         ).validate()
     except ClipfeatError as err:
         _fail(err)

@@ -123,6 +123,7 @@ class ExtractConfig:
     overwrite: bool = False
     allow_pickle: bool = False
     no_lock: bool = False  # run without OUT's lock (file systems that cannot lock)
+    follow_outside: bool = True  # follow symlinks out of ROOT / --image-folder
     retry_failed: bool = False  # redo finished chunks whose failures were timeouts/crashes
     torch_threads: int | None = None
     #: Developer knobs for tests and benchmarks: ``decode_fn`` ("module:function", a decoder

@@ -28,6 +28,8 @@ DEFAULT_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "ti
 
 OUTSIDE_ROOT = "outside ROOT"
 OUTSIDE_IMAGE_FOLDER = "outside --image-folder"
+#: With --no-follow-outside: a link (or a path through one) that leads out of the input folders.
+LINK_OUTSIDE = "symlink points outside the input folder (--no-follow-outside): not followed"
 
 
 class Item(NamedTuple):
@@ -151,11 +153,14 @@ def walk_folders(
     exts: Sequence[str] = DEFAULT_EXTS,
     *,
     exclude: Sequence[str | Path] = (),
+    follow_outside: bool = True,
 ) -> list[Item]:
     """Every image under each ROOT, keyed by its '/'-separated path relative to that ROOT.
 
     Hidden entries are skipped, symlinks followed (each directory visited once, real
-    paths preferred over symlinked ones), directories in `exclude` never entered.
+    paths preferred over symlinked ones), directories in `exclude` never entered. With
+    ``follow_outside=False`` a symlink whose target is outside every ROOT is not followed:
+    it is an item with a `LINK_OUTSIDE` error (a link to a folder: one item for the link).
     Items are sorted by key per ROOT, ROOTs in the order given; a key already produced by
     an earlier ROOT comes back with a "duplicate key" error.
     """
@@ -172,11 +177,12 @@ def walk_folders(
             )
     excluded = {ident for ident in map(_dir_ident, map(os.fspath, exclude)) if ident}
 
+    inside = None if follow_outside else [os.path.realpath(os.fspath(r)) for r in roots]
     out: list[Item] = []
     seen: dict[str, str] = {}
     for root in roots:
         root_s = os.fspath(root)
-        for item in _walk_root(root_s, suffixes, excluded):
+        for item in _RootWalk(root_s, suffixes, excluded, inside).run():
             first = seen.get(item.key)
             if first is not None:
                 item = item._replace(error=f"duplicate key: also found under {first}")
@@ -186,16 +192,26 @@ def walk_folders(
     return out
 
 
-def _walk_root(root: str, suffixes: tuple[str, ...], excluded: set[tuple[int, int]]) -> list[Item]:
-    return _RootWalk(root, suffixes, excluded).run()
+def _within(path: str, bases: Sequence[str]) -> bool:
+    """True if the real path ``path`` is one of ``bases`` or below one of them."""
+    return any(path == b or path.startswith(b.rstrip(os.sep) + os.sep) for b in bases)
+
+
+def _outside_links(items: list[Item], bases: Sequence[str]) -> list[Item]:
+    """``items`` with a `LINK_OUTSIDE` error for each path that symlinks lead out of
+    ``bases`` (real paths are resolved without opening any file)."""
+    real = [os.path.realpath(b) for b in bases]
+    return [it if it.error or _within(os.path.realpath(it.path), real)
+            else it._replace(error=LINK_OUTSIDE) for it in items]
 
 
 class _RootWalk:
     """One ROOT's walk: its image items sorted by key, each directory listed once."""
 
     def __init__(self, root: str, suffixes: tuple[str, ...],
-                 excluded: set[tuple[int, int]]) -> None:
+                 excluded: set[tuple[int, int]], inside: Sequence[str] | None = None) -> None:
         self.root = root
+        self.inside = inside  # real paths links may lead into (None: follow every link)
         self.suffixes = suffixes
         self.excluded = excluded
         root_abs = os.path.abspath(root)
@@ -273,6 +289,10 @@ class _RootWalk:
 
     def _visit_symlink(self, entry: os.DirEntry, child_rel: str, is_image: bool) -> None:
         """A symlink: its target directory deferred, or an item if it is named as an image."""
+        if self.inside is not None and not _within(os.path.realpath(entry.path), self.inside):
+            if is_image or os.path.isdir(entry.path):
+                self.items.append(Item(_fs_key(child_rel), entry.path, LINK_OUTSIDE))
+            return
         try:
             target = os.stat(entry.path)
         except OSError as exc:
@@ -319,7 +339,8 @@ def _relative_to(path: str, root: str) -> str | None:
     return None if _is_outside(rel) else rel
 
 
-def read_files_from(file: str | Path, roots: Sequence[str | Path] | None = None) -> list[Item]:
+def read_files_from(file: str | Path, roots: Sequence[str | Path] | None = None, *,
+                    follow_outside: bool = True) -> list[Item]:
     """Items from a text file of paths, one per line, keyed relative to ROOT.
 
     ROOT is the one root given, or the current directory. Blank lines and lines starting
@@ -366,7 +387,7 @@ def read_files_from(file: str | Path, roots: Sequence[str | Path] | None = None)
             continue
         seen.add(key)
         items.append(Item(key, path, error if error else _check_path(path)))
-    return items
+    return items if follow_outside else _outside_links(items, [root_abs])
 
 
 # -- LLaVA training files --------------------------------------------------------------
@@ -441,7 +462,8 @@ def _llava_error(raw: str, key: str) -> str | None:
     return None
 
 
-def read_llava_json(file: str | Path, image_folder: str | Path) -> list[Item]:
+def read_llava_json(file: str | Path, image_folder: str | Path, *,
+                    follow_outside: bool = True) -> list[Item]:
     """Items for every image a LLaVA training file names, keyed by the `image` string as written.
 
     Accepts a JSON list of samples or JSON Lines. Text-only samples are ignored; each image
@@ -486,4 +508,4 @@ def read_llava_json(file: str | Path, image_folder: str | Path) -> list[Item]:
             error = _llava_error(raw, key)
             path = os.path.join(folder_abs, key) if error else os.path.join(folder_abs, raw)
             items.append(Item(key, path, error if error else _check_path(path)))
-    return items
+    return items if follow_outside else _outside_links(items, [folder_abs])

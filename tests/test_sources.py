@@ -543,3 +543,62 @@ def test_import_is_light():
             "print(any(m in sys.modules for m in ('torch', 'PIL', 'h5py', 'transformers')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# ----------------------------------------------------------------------------- links out
+
+
+def _tree_with_outside_links(tmp_path: Path) -> tuple[Path, Path]:
+    from PIL import Image
+
+    root, outside = tmp_path / "root", tmp_path / "elsewhere"
+    (root / "sub").mkdir(parents=True)
+    (outside / "more").mkdir(parents=True)
+    for p in (root / "a.png", root / "sub" / "b.png", outside / "secret.png",
+              outside / "more" / "c.png"):
+        Image.new("RGB", (8, 8)).save(p)
+    (root / "link.png").symlink_to(outside / "secret.png")  # a file out of ROOT
+    (root / "dirlink").symlink_to(outside / "more")  # a folder out of ROOT
+    (root / "inside.png").symlink_to(root / "sub" / "b.png")  # stays inside: fine
+    return root, outside
+
+
+def test_links_out_of_root_are_followed_by_default(tmp_path):
+    root, _ = _tree_with_outside_links(tmp_path)
+    items = {it.key: it.error for it in walk_folders([root])}
+    assert items == {"a.png": None, "dirlink/c.png": None, "inside.png": None,
+                     "link.png": None, "sub/b.png": None}
+
+
+def test_no_follow_outside_records_links_out_of_root(tmp_path):
+    from clipfeat.sources import LINK_OUTSIDE, read_files_from, read_llava_json
+
+    root, outside = _tree_with_outside_links(tmp_path)
+    items = {it.key: it.error for it in walk_folders([root], follow_outside=False)}
+    assert items == {"a.png": None, "dirlink": LINK_OUTSIDE, "inside.png": None,
+                     "link.png": LINK_OUTSIDE, "sub/b.png": None}
+    listing = tmp_path / "list.txt"
+    listing.write_text("a.png\nlink.png\ndirlink/c.png\ninside.png\n")
+    got = {it.key: it.error for it in read_files_from(listing, [root], follow_outside=False)}
+    assert got == {"a.png": None, "link.png": LINK_OUTSIDE, "dirlink/c.png": LINK_OUTSIDE,
+                   "inside.png": None}
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps([{"image": "link.png"}, {"image": "dirlink/c.png"},
+                                {"image": "a.png"}]))
+    got = {it.key: it.error for it in read_llava_json(data, root, follow_outside=False)}
+    assert got == {"link.png": LINK_OUTSIDE, "dirlink/c.png": LINK_OUTSIDE, "a.png": None}
+
+
+def test_no_follow_outside_end_to_end(tmp_path, clip_full_dir):
+    import clipfeat
+    from clipfeat.store import FeatureStore
+
+    root, _ = _tree_with_outside_links(tmp_path)
+    out = tmp_path / "out"
+    s = clipfeat.extract(roots=[str(root)], out=str(out), model=str(clip_full_dir),
+                         device="cpu", workers=0, follow_outside=False)
+    assert s.complete and s.extracted == 3 and s.failed == 2
+    assert sorted(FeatureStore(out).keys()) == ["a.png", "inside.png", "sub/b.png"]
+    fails = [json.loads(x) for x in (out / "failures.jsonl").read_text().splitlines()]
+    assert {f["key"] for f in fails} == {"dirlink", "link.png"}
+    assert all("--no-follow-outside" in f["error"] for f in fails)

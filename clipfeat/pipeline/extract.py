@@ -361,11 +361,14 @@ def _gather_items(cfg: ExtractConfig, out: Path, *, scan: bool = True
     if not scan:
         items = []
     elif cfg.llava_json:
-        items = sources.read_llava_json(cfg.llava_json, cfg.image_folder)
+        items = sources.read_llava_json(cfg.llava_json, cfg.image_folder,
+                                        follow_outside=cfg.follow_outside)
     elif cfg.files_from:
-        items = sources.read_files_from(cfg.files_from, list(cfg.roots) or None)
+        items = sources.read_files_from(cfg.files_from, list(cfg.roots) or None,
+                                        follow_outside=cfg.follow_outside)
     else:
-        items = sources.walk_folders(list(cfg.roots), exts, exclude=[out])
+        items = sources.walk_folders(list(cfg.roots), exts, exclude=[out],
+                                     follow_outside=cfg.follow_outside)
     if cfg.limit is not None:
         items = items[: cfg.limit]
     return items, exts

@@ -21,13 +21,16 @@ def _abs(p: str | None) -> str | None:
 
 def source_record(cfg: Any, exts: tuple[str, ...]) -> dict[str, Any]:
     """Where the inputs come from, as the plan and the store identity record it."""
-    return {
+    record = {
         "roots": [_abs(r) for r in cfg.roots],
         "files_from": _abs(cfg.files_from),
         "llava_json": _abs(cfg.llava_json),
         "image_folder": _abs(cfg.image_folder),
         "exts": list(exts) if not (cfg.llava_json or cfg.files_from) else None,
     }
+    if not cfg.follow_outside:  # absent by default: stores made before the flag still match
+        record["follow_outside"] = False
+    return record
 
 
 @dataclass(frozen=True)
