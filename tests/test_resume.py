@@ -664,3 +664,56 @@ def test_a_run_stopped_early_leaves_a_readable_store(monkeypatch, tmp_path, tree
     res = runner.invoke(app, ["verify", str(out)])
     assert res.exit_code == 0, res.output
     assert "incomplete" in res.output.lower()
+
+
+# --------------------------------------------------------------------------- provenance
+
+
+def test_a_model_changed_in_place_is_refused_and_provenance_is_recorded(tmp_path,
+                                                                        clip_full_dir):
+    """A local checkpoint whose weights changed is another model: the rerun is refused like
+    any change of settings. The versions, device and dtypes are in every shard and the
+    manifest; an OUT planned before weights were hashed resumes and then records them."""
+    import clipfeat
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(clip_full_dir, model)
+    root = tmp_path / "imgs"
+    root.mkdir()
+    rng = np.random.default_rng(6)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(root / name)
+    out = tmp_path / "out"
+    args = cli_args(root, out, model, "--workers", "0", "--quiet")
+    assert runner.invoke(app, args).exit_code == 0
+
+    with h5py.File(next(out.glob("shard-*.h5")), "r") as f:
+        versions = json.loads(f.attrs["versions"])
+        assert versions["torch"] == torch.__version__
+        assert versions["clipfeat"] == clipfeat.__version__ and versions["pillow"]
+        assert f.attrs["device"] == "cpu" and f.attrs["compute_dtype"] == "float32"
+        assert f.attrs["model_weights"].startswith("xxh3_128:")
+    config = json.loads((out / "manifest.json").read_text())["config"]
+    assert config["versions"] == versions and config["device"] == "cpu"
+
+    # an OUT planned by an earlier clipfeat (no weights digest): resumed, then recorded
+    plan_file = out / ".clipfeat" / "plan.jsonl"
+    lines = plan_file.read_text().splitlines()
+    header = json.loads(lines[0])
+    digest = header["identity"].pop("model_weights")
+    plan_file.write_text("\n".join([json.dumps(header)] + lines[1:]) + "\n")
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert json.loads(plan_file.read_text().splitlines()[0])["identity"]["model_weights"] == digest
+
+    weights = model / "model.safetensors"
+    tensors = load_file(weights)
+    name = next(k for k in tensors if "vision_model" in k and k.endswith("weight"))
+    tensors[name] = tensors[name] * 1.5
+    save_file(tensors, weights, metadata={"format": "pt"})
+    Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(root / "c.png")
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2, res.output
+    assert "model_weights: " in res.stderr and "other settings" in res.stderr

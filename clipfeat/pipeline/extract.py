@@ -113,8 +113,8 @@ def _extract(cfg: ExtractConfig, progress: Progress | None) -> Summary:
             keep = _retry_filter(cfg, checked.trusted)
             feed = DecodeFeed(cfg, prep.spec, plan, [c for c in plan.chunks if c.id not in keep])
         device, settings = settle(prep)  # imports torch; may still refuse (nothing written)
-        if plan is not None and prep.existing_plan is None:
-            plan.header["identity"] = settings.identity()  # now with the compute dtype
+        if plan is not None:
+            _record_identity(plan, settings, new=prep.existing_plan is None)
         t_prepared = time.perf_counter()
         dist = distributed.setup(device)
         # Load (and so validate) the weights before anything is written to OUT.
@@ -173,6 +173,21 @@ def _work(run: Run, plan: Any, dist: Any, feed: DecodeFeed | None, summary: Summ
         if dist.is_main:  # stopped or failed: list what is finished now
             _finalize_quietly(run, plan, summary)
         raise
+
+
+def _record_identity(plan: Any, settings: RunSettings, *, new: bool) -> None:
+    """A new plan records the full identity (now with the compute dtype); an existing one
+    gains the fields that an earlier clipfeat did not record (compared from then on)."""
+    from clipfeat.pipeline.settings import ADDED_IDENTITY_FIELDS
+
+    if new:
+        plan.header["identity"] = settings.identity()
+        return
+    ident = plan.header.setdefault("identity", {})
+    for k in ADDED_IDENTITY_FIELDS:
+        if ident.get(k) is None and getattr(settings, k):
+            ident[k] = getattr(settings, k)
+            plan.dirty = True
 
 
 def _lock(cfg: ExtractConfig, out: Path, rank: int) -> Any:
@@ -406,10 +421,11 @@ def settle(prep: Prepared) -> tuple[str, RunSettings]:
 
     _, _, local_rank = distributed.env_world()
     device = resolve_device(prep.cfg.device, local_rank)
-    settings = prep.settings.with_compute_dtype(resolve_dtype(prep.cfg.dtype, device))
+    settings = prep.settings.on_device(device, resolve_dtype(prep.cfg.dtype, device))
     plan = prep.existing_plan
     if plan is not None:
-        diffs = identity_diff(plan.header.get("identity", {}), settings.identity())
+        old = plan.header.get("identity", {})
+        diffs = identity_diff(old, settings.identity_against(old))
         if diffs:
             raise ConfigError(
                 f"--out {prep.out} holds features made with other settings ({'; '.join(diffs)}): "

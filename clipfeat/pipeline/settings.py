@@ -10,9 +10,12 @@ from typing import Any
 
 #: The settings a store is made with: a rerun into an OUT made with other values is refused.
 IDENTITY_FIELDS = (
-    "model", "model_revision", "layer", "feature", "aspect", "compute_dtype", "store_dtype",
-    "exif_transpose", "preprocessing", "sources",
+    "model", "model_revision", "model_weights", "layer", "feature", "aspect", "compute_dtype",
+    "store_dtype", "exif_transpose", "preprocessing", "sources",
 )
+#: Identity fields that stores made by earlier clipfeat versions lack: accepted (and then
+#: recorded) when absent, compared from then on.
+ADDED_IDENTITY_FIELDS = ("model_weights",)
 
 
 def _abs(p: str | None) -> str | None:
@@ -56,11 +59,15 @@ class RunSettings:
     exif_transpose: bool
     preprocessing: dict[str, Any] = field(hash=False)
     sources: dict[str, Any] = field(hash=False)
+    model_weights: str = ""  # xxh3_128 of the weight files (clipfeat.provenance)
+    versions: dict[str, Any] = field(default_factory=dict, hash=False)  # packages that compute
     compute_dtype: str | None = None  # known once torch has chosen the device
+    device: str | None = None  # the same
 
     @classmethod
     def of(cls, cfg: Any, ref: Any, spec: Any, sources: dict[str, Any]) -> RunSettings:
         """The settings of ``cfg`` for the resolved model ``ref`` and its preprocessing."""
+        from clipfeat import provenance
         from clipfeat.tower import resolve_layer, tokens_per_image
 
         return cls(
@@ -83,10 +90,16 @@ class RunSettings:
             exif_transpose=cfg.exif_transpose,
             preprocessing=spec.to_dict(),
             sources=sources,
+            model_weights=provenance.weights_digest(ref.weights_file),
+            versions=provenance.versions(),
         )
 
-    def with_compute_dtype(self, dtype: str) -> RunSettings:
-        return dataclasses.replace(self, compute_dtype=dtype)
+    def on_device(self, device: str, dtype: str) -> RunSettings:
+        """These settings on ``device`` (with its name) computing in ``dtype``."""
+        from clipfeat import provenance
+
+        return dataclasses.replace(self, compute_dtype=dtype,
+                                   device=provenance.device_name(device))
 
     def shard_attrs(self) -> dict[str, Any]:
         """The attributes every shard of the run carries (and manifest.json's ``config``)."""
@@ -101,6 +114,12 @@ class RunSettings:
     def identity(self) -> dict[str, Any]:
         """The settings an existing OUT must have been made with to be resumed."""
         return {name: getattr(self, name) for name in IDENTITY_FIELDS}
+
+    def identity_against(self, old: dict[str, Any]) -> dict[str, Any]:
+        """`identity`, less the `ADDED_IDENTITY_FIELDS` that ``old`` (an existing OUT's)
+        does not record: comparable with it."""
+        return {k: v for k, v in self.identity().items()
+                if k not in ADDED_IDENTITY_FIELDS or old.get(k) is not None}
 
 
 def _short(value: Any, limit: int = 60) -> str:

@@ -19,7 +19,9 @@ RESERVED_ATTRS = (
     "shard_id", "num_rows", "num_failures", "format_version", "keys_sha256", "failures_sha256",
 )
 # Attributes that differ from shard to shard (ignored when comparing shards' settings).
-PER_SHARD_ATTRS = frozenset(RESERVED_ATTRS)
+#: Attributes saying how a run ran: a store resumed elsewhere holds shards that differ here.
+RUN_ATTRS = ("versions", "device")
+PER_SHARD_ATTRS = frozenset(RESERVED_ATTRS) | frozenset(RUN_ATTRS)
 
 
 def encode_attr(value: Any) -> str | int | float | bool:
