@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 import clipfeat
 from clipfeat.cli import app
 from clipfeat.errors import ConfigError, ExtractionError
+from clipfeat.store import FeatureStore
 
 runner = CliRunner()
 
@@ -224,6 +225,11 @@ def test_float16_overflow_fails_clearly(tmp_path, images, clip_full_dir):
     s = clipfeat.extract(roots=[str(root)], out=str(tmp_path / "o32"), model=str(big),
                          device="cpu", layer=0, workers=0, store_dtype="float32")
     assert s.extracted == len(images)
+    # the advice, followed into the same OUT (it holds no finished shard): its plan is replaced
+    s = clipfeat.extract(roots=[str(root)], out=str(tmp_path / "o"), model=str(big),
+                         device="cpu", layer=0, workers=0, store_dtype="float32")
+    assert s.extracted == len(images) and s.complete
+    assert FeatureStore(tmp_path / "o").meta["store_dtype"] == "float32"
 
 
 def test_config_errors_raise_before_writing(tmp_path, clip_full_dir):

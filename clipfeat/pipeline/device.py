@@ -156,7 +156,7 @@ def raise_range(
             # finite in the compute dtype (checked on the device), inf once cast to float16
             raise ExtractionError(
                 f"features of {key!r} exceed float16's range ±{FLOAT16_MAX:g}: "
-                "rerun with --store-dtype float32"
+                "rerun with --store-dtype float32 (add --overwrite if --out holds finished shards)"
             )
         if not np.isfinite(row).all():
             raise ExtractionError(
@@ -166,10 +166,11 @@ def raise_range(
         if store_dtype == "float16" and np.abs(row).max() > FLOAT16_MAX:
             raise ExtractionError(
                 f"features of {key!r} reach {np.abs(row).max():.4g}, beyond float16's range "
-                f"±{FLOAT16_MAX:g}: rerun with --store-dtype float32"
+                f"±{FLOAT16_MAX:g}: rerun with --store-dtype float32 (add --overwrite if --out holds "
+                "finished shards)"
             )
     raise ExtractionError("the tower produced values outside the store dtype's range: "
-                          "rerun with --store-dtype float32")
+                          "rerun with --store-dtype float32 (add --overwrite if --out holds finished shards)")
 
 
 # --------------------------------------------------------------------------- verify helper

@@ -112,7 +112,15 @@ def _extract(cfg: ExtractConfig, progress: Progress | None) -> Summary:
             checked = _check_finished(out, plan, cfg)
             keep = _retry_filter(cfg, checked.trusted)
             feed = DecodeFeed(cfg, prep.spec, plan, [c for c in plan.chunks if c.id not in keep])
-        device, settings = settle(prep)  # imports torch; may still refuse (nothing written)
+        device, settings, replace = settle(prep)  # imports torch; may refuse (nothing written)
+        if replace:  # OUT's plan had other settings but no finished shard: start afresh
+            if feed is not None:
+                feed.close()
+            feed, checked = None, None
+            prep = dataclasses.replace(prep, existing_plan=None)
+            if plan is not None:
+                plan = extend(None, prep.items, shard_size=cfg.shard_size,
+                              sources=settings.sources, identity=settings.identity())
         if plan is not None:
             _record_identity(plan, settings, new=prep.existing_plan is None)
         t_prepared = time.perf_counter()
@@ -124,7 +132,7 @@ def _extract(cfg: ExtractConfig, progress: Progress | None) -> Summary:
         if dist.is_main:
             if lock is not None:
                 lock.acquire()  # a new OUT: created here, under the lock
-            _write_plan(out, plan, overwrite=cfg.overwrite)
+            _write_plan(out, plan, overwrite=cfg.overwrite or replace)
             discard_damaged((checked or _check_finished(out, plan, cfg)).damaged)
         dist.barrier()
         if not dist.is_main and not cfg.no_lock:
@@ -414,24 +422,32 @@ def _check_out(out: Path) -> None:
 # --------------------------------------------------------------------------- 2. settle
 
 
-def settle(prep: Prepared) -> tuple[str, RunSettings]:
+def settle(prep: Prepared) -> tuple[str, RunSettings, bool]:
     """The checks that need torch: the device and the compute dtype, then the full settings
-    against what an existing OUT was made with. Writes nothing."""
+    against what an existing OUT was made with. Writes nothing. The flag is True when OUT
+    was planned with other settings but holds no finished shard: its plan is replaced (as
+    when following the float16-overflow advice into the same OUT)."""
     from clipfeat import distributed
+    from clipfeat.store import list_shard_files
 
     _, _, local_rank = distributed.env_world()
     device = resolve_device(prep.cfg.device, local_rank)
     settings = prep.settings.on_device(device, resolve_dtype(prep.cfg.dtype, device))
     plan = prep.existing_plan
-    if plan is not None:
-        old = plan.header.get("identity", {})
-        diffs = identity_diff(old, settings.identity_against(old))
-        if diffs:
-            raise ConfigError(
-                f"--out {prep.out} holds features made with other settings ({'; '.join(diffs)}): "
-                "use another --out, or --overwrite to replace them"
-            )
-    return device, settings
+    if plan is None:
+        return device, settings, False
+    old = plan.header.get("identity", {})
+    diffs = identity_diff(old, settings.identity_against(old))
+    if not diffs:
+        return device, settings, False
+    if not list_shard_files(prep.out):
+        logger.warning("--out %s holds no finished shard: replacing its plan, made with other "
+                       "settings (%s)", prep.out, "; ".join(diffs))
+        return device, settings, True
+    raise ConfigError(
+        f"--out {prep.out} holds features made with other settings ({'; '.join(diffs)}): "
+        "use another --out, or --overwrite to replace them"
+    )
 
 
 # --------------------------------------------------------------------------- 3. load, plan
