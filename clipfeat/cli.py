@@ -126,6 +126,16 @@ class _Bar:
             dynamic_ncols=True, smoothing=0.1, desc="extract",
         )
 
+    def note(self, text: str) -> None:
+        """A line for a person watching (on a terminal only: logs and scripts get the
+        summary and the errors, one line each)."""
+        if not self.quiet and sys.stderr.isatty():
+            typer.echo(f"clipfeat: {text}", err=True)
+
+    def set_done(self, done: int) -> None:
+        if self.bar is not None and done > self.bar.n:
+            self.bar.update(done - self.bar.n)
+
     def advance(self, images: int, failures: int) -> None:
         if self.bar is None:
             return

@@ -261,3 +261,55 @@ def test_nothing_to_extract_is_a_usage_error_before_the_model_loads(tmp_path, cl
     if case in ("empty", "only-txt", "ext-txt"):
         assert str(root) in line and ("txt" if case == "ext-txt" else "jpg") in line
     assert not out.exists()
+
+
+def test_first_output_on_a_terminal_comes_before_torch_loads(tmp_path, clip_full_dir,
+                                                             monkeypatch):
+    """On a terminal, the first line says what is planned and what loads, within a second
+    of the start (before torch and the weights); a rerun with nothing to do never loads
+    the model (it says so without the model's weights being readable)."""
+    import pty
+    import select
+    import time
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(3):
+        Image.new("RGB", (20 + i, 20)).save(root / f"{i}.png")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "clipfeat", "extract", str(root), "--out", str(out),
+           "--model", str(clip_full_dir), "--device", "cpu", "--workers", "0"]
+    master, slave = pty.openpty()
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+    os.close(slave)
+    seen, first_at = b"", None
+    while proc.poll() is None or select.select([master], [], [], 0.1)[0]:
+        if select.select([master], [], [], 0.1)[0]:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+            if first_at is None and b"images to extract" in seen:
+                first_at = time.monotonic() - t0
+    proc.wait(timeout=60)
+    os.close(master)
+    text = seen.decode(errors="replace")
+    assert proc.returncode == 0, text
+    assert "3 of 3 images to extract (1 shards)" in text and "loading torch" in text, text
+    # the imports alone take seconds here; the note comes before them
+    assert first_at is not None and first_at < 3.0, (first_at, text)
+    assert text.index("images to extract") < text.index("3 extracted")
+    # nothing to do: the model is not loaded
+    import clipfeat.tower
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(clipfeat.tower, "load_tower", no_load)
+    res = CliRunner().invoke(app, ["extract", str(root), "--out", str(out), "--model",
+                                   str(clip_full_dir), "--device", "cpu", "--workers", "0"])
+    assert res.exit_code == 0 and "nothing to do" in res.stderr, res.output

@@ -674,9 +674,10 @@ def test_a_model_changed_in_place_is_refused_and_provenance_is_recorded(tmp_path
     """A local checkpoint whose weights changed is another model: the rerun is refused like
     any change of settings. The versions, device and dtypes are in every shard and the
     manifest; an OUT planned before weights were hashed resumes and then records them."""
-    import clipfeat
     import torch
     from safetensors.torch import load_file, save_file
+
+    import clipfeat
 
     model = tmp_path / "model"
     shutil.copytree(clip_full_dir, model)

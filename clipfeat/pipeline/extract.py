@@ -102,16 +102,8 @@ def _extract(cfg: ExtractConfig, progress: Progress | None) -> Summary:
     try:
         prep = prepare(cfg)
         cfg = prep.cfg  # with the worker count capped
-        plan = None
-        if rank == 0:
-            plan = extend(prep.existing_plan, prep.items, shard_size=cfg.shard_size,
-                          sources=prep.settings.sources, identity=prep.settings.identity())
-        checked = None
-        if world == 1:
-            # Start decoding now: the workers get going while torch and the model load.
-            checked = _check_finished(out, plan, cfg)
-            keep = _retry_filter(cfg, checked.trusted)
-            feed = DecodeFeed(cfg, prep.spec, plan, [c for c in plan.chunks if c.id not in keep])
+        plan, checked, todo, feed = _plan_early(prep, rank, world)
+        _announce(progress, cfg, plan, todo)
         device, settings, replace = settle(prep)  # imports torch; may refuse (nothing written)
         if replace:  # OUT's plan had other settings but no finished shard: start afresh
             if feed is not None:
@@ -127,7 +119,9 @@ def _extract(cfg: ExtractConfig, progress: Progress | None) -> Summary:
         dist = distributed.setup(device)
         # Load (and so validate) the weights before anything is written to OUT.
         t_load = time.perf_counter()
-        run = Run(cfg, out, device, settings, prep.spec, _load_tower(prep, device, settings))
+        nothing_left = todo == [] and not replace and not checked.damaged
+        tower = None if nothing_left else _load_tower(prep, device, settings)
+        run = Run(cfg, out, device, settings, prep.spec, tower)
         t_loaded = time.perf_counter()
         if dist.is_main:
             if lock is not None:
@@ -181,6 +175,42 @@ def _work(run: Run, plan: Any, dist: Any, feed: DecodeFeed | None, summary: Summ
         if dist.is_main:  # stopped or failed: list what is finished now
             _finalize_quietly(run, plan, summary)
         raise
+
+
+def _plan_early(prep: Prepared, rank: int, world: int) -> tuple[Any, Any, Any, Any]:
+    """Before torch: the plan (rank 0), and in a single process the finished shards it
+    keeps, the chunks left to do and a decode feed over them, started now so that the
+    workers decode while torch and the model load. (plan, check, todo, feed); None where
+    not known here."""
+    from clipfeat.plan import extend
+
+    cfg = prep.cfg
+    plan = checked = todo = feed = None
+    if rank == 0:
+        plan = extend(prep.existing_plan, prep.items, shard_size=cfg.shard_size,
+                      sources=prep.settings.sources, identity=prep.settings.identity())
+    if world == 1:
+        checked = _check_finished(prep.out, plan, cfg)
+        keep = _retry_filter(cfg, checked.trusted)
+        todo = [c for c in plan.chunks if c.id not in keep]
+        if todo:
+            feed = DecodeFeed(cfg, prep.spec, plan, todo)
+    return plan, checked, todo, feed
+
+
+def _announce(progress: Progress | None, cfg: ExtractConfig, plan: Any,
+              todo: list[Any] | None) -> None:
+    """Tell the user what is planned and what loads now (before torch and the weights)."""
+    note = getattr(progress, "note", None)
+    if note is None or plan is None:
+        return
+    total = len(plan.items)
+    if todo is None:  # torchrun: the ranks split what is left
+        note(f"{total:,} images planned in {len(plan.chunks):,} shards; loading {cfg.model}")
+    elif todo:
+        left = sum(len(c) for c in todo)
+        note(f"{left:,} of {total:,} images to extract ({len(todo):,} shards) with "
+             f"{cfg.model} on device {cfg.device}: loading torch and the model")
 
 
 def _record_identity(plan: Any, settings: RunSettings, *, new: bool) -> None:

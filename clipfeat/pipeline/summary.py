@@ -8,7 +8,9 @@ from typing import Any, Protocol
 
 
 class Progress(Protocol):
-    """What `extract` reports to; the CLI implements it with a tqdm bar."""
+    """What `extract` reports to; the CLI implements it with a tqdm bar. An implementation
+    may also have ``note(text)`` (a line for the user, e.g. what is loading now) and
+    ``set_done(n)`` (the images done in all, counted by rank 0 over every rank)."""
 
     def start(self, total: int, done: int) -> None: ...
 
