@@ -170,7 +170,7 @@ def _kill_part_way(p: Proc, out: Path, n_shards: int, *, both_ranks: bool = Fals
 
     assert wait_until(ready, p), f"the run ended too soon:\n{p.stderr[-3000:]}"
     p.kill_all()
-    assert_no_orphans(p.marker)
+    assert_no_orphans(p.marker, out=out)
     assert_shards_sound(out, "after the kill")
 
 
@@ -224,6 +224,7 @@ def test_begun_with_one_finished_with_two_ranks(tmp_path, dtree, dref, clip_full
     assert sorted(err) == [0, 1]
     assert err[1].strip() == "", f"rank 1 wrote to stderr:\n{err[1]}"
     assert f"resuming: {done} of {len(keys)} images already done" in err[0]
+    assert f"{len(keys)}/{len(keys)}" in err[0], "rank 0's bar ends at the whole job"
     assert "extract" in err[0] and "img" in err[0], "rank 0 shows the progress bar"
     sizes = chunk_sizes(len(keys))
     broken_chunks = [keys.index(f"{'ab'[i % 2]}/img{i:03d}.png") // SHARD_SIZE for i in BROKEN]
@@ -231,7 +232,10 @@ def test_begun_with_one_finished_with_two_ranks(tmp_path, dtree, dref, clip_full
                  for r, text in rank_logs(logs, "stdout").items()}
     assert sorted(summaries) == [0, 1]
     for rank, s in summaries.items():
-        mine = [c for c in range(len(sizes)) if c % 2 == rank and c not in done_shards]
+        # rank 0 reports the whole job (from the shards, after the last barrier); rank 1,
+        # which reports nothing to the user, its own part
+        mine = [c for c in range(len(sizes))
+                if (rank == 0 or c % 2 == rank) and c not in done_shards]
         assert (s["rank"], s["world"]) == (rank, 2)
         assert s["shards_written"] == len(mine), (rank, s)
         assert s["extracted"] + s["failed"] == sum(sizes[c] for c in mine), (rank, s)

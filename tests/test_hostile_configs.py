@@ -186,7 +186,7 @@ def test_sighup_stops_cleanly_and_a_rerun_completes(tmp_path, clip_full_dir):
         assert "Traceback" not in p.stderr, p.stderr
         assert not list(out.glob("*.partial")), "a hang-up must remove its partial shard"
         assert len(shard_files(out)) < 15, "the run went on after SIGHUP"
-        assert_no_orphans(p.marker)
+        assert_no_orphans(p.marker, out=out)
         assert_shards_sound(out, "after SIGHUP")
     finally:
         p.cleanup()

@@ -179,14 +179,26 @@ def process_lines(pids: list[int]) -> str:
     return "\n".join(lines)
 
 
-def assert_no_orphans(marker: str, grace: float = 20.0) -> None:
-    """Every process of a run (decode workers, forkserver, tracker) is gone within `grace`."""
+def assert_no_orphans(marker: str, grace: float = 20.0, out: Path | None = None) -> None:
+    """Every process of a run (decode workers, forkserver, tracker) is gone within `grace`;
+    with ``out``, also its lock on OUT (the kernel drops it at the very end of a process's
+    exit, after /proc stops showing the process's environment)."""
+    from clipfeat.errors import ConfigError
+    from clipfeat.store import OutLock
+
     deadline = time.monotonic() + grace
     left = tagged_processes(marker)
     while left and time.monotonic() < deadline:
         time.sleep(0.1)
         left = tagged_processes(marker)
     assert not left, f"processes outlived their run:\n{process_lines(left)}"
+    while out is not None and (out / ".clipfeat" / "lock").exists():
+        try:
+            OutLock(out).acquire().release()
+            break
+        except ConfigError:
+            assert time.monotonic() < deadline, f"the lock on {out} outlived its run"
+            time.sleep(0.05)
 
 
 def wait_until(cond: Callable[[], bool], proc: Proc, timeout: float = PROC_TIMEOUT) -> bool:
@@ -553,7 +565,7 @@ def test_signals_and_sigkill_then_rerun_equals_uninterrupted_run(tmp_path, tree,
         assert "interrupted by SIGINT" in p.stderr and "Resume by running the same command" \
             in p.stderr, p.stderr
         assert not list(out.glob("*.partial")), "a graceful stop must remove its partial shard"
-        assert_no_orphans(p.marker)
+        assert_no_orphans(p.marker, out=out)
         check_stop("after SIGINT")
 
         # 2. SIGKILL of the main process alone, right after k more shards exist.
@@ -563,7 +575,7 @@ def test_signals_and_sigkill_then_rerun_equals_uninterrupted_run(tmp_path, tree,
         os.kill(p.pid, signal.SIGKILL)
         p.wait()
         check_stop("after SIGKILL once shards appeared")
-        assert_no_orphans(p.marker)  # the decode workers and forkserver die with it
+        assert_no_orphans(p.marker, out=out)  # the decode workers and forkserver die with it
 
         # 3. SIGTERM (a scheduler ending the job).
         p = Proc(cmd, logs, "3-sigterm")
@@ -572,7 +584,7 @@ def test_signals_and_sigkill_then_rerun_equals_uninterrupted_run(tmp_path, tree,
         os.kill(p.pid, signal.SIGTERM)
         assert p.wait(timeout=60) == 143, p.stderr
         assert "interrupted by SIGTERM" in p.stderr and "Resume" in p.stderr, p.stderr
-        assert_no_orphans(p.marker)
+        assert_no_orphans(p.marker, out=out)
         check_stop("after SIGTERM")
 
         # 4. SIGKILL of the whole group at a random moment of steady work (a shard takes
@@ -582,6 +594,7 @@ def test_signals_and_sigkill_then_rerun_equals_uninterrupted_run(tmp_path, tree,
         assert wait_until(started_new(rng.randint(1, 3)), p), f"{ctx}: finished too soon"
         time.sleep(rng.uniform(0.0, 0.05))
         p.kill_all()
+        assert_no_orphans(p.marker, out=out)
         check_stop("after a SIGKILL at a random moment")
 
         # 5. The same command, run here (it saves a process start), finishes the job.

@@ -136,11 +136,13 @@ def _extract(cfg: ExtractConfig, progress: Progress | None) -> Summary:
         if plan is None:
             plan = load_plan(out)
         summary = Summary(out=str(out), planned=len(plan.items), rank=dist.rank, world=dist.world)
-        feed = _work(run, plan, dist, feed, summary, progress)
+        feed, finished = _work(run, plan, dist, feed, summary, progress)
         check_signal()
         dist.barrier()
         if dist.is_main:
-            _finalize(run, plan, summary)
+            shards = _finalize(run, plan, summary)
+            if dist.world > 1:
+                _count_every_rank(summary, shards, finished, progress)
     finally:
         if feed is not None:
             feed.close()
@@ -156,9 +158,10 @@ def _extract(cfg: ExtractConfig, progress: Progress | None) -> Summary:
 
 
 def _work(run: Run, plan: Any, dist: Any, feed: DecodeFeed | None, summary: Summary,
-          progress: Progress | None) -> DecodeFeed | None:
-    """Step 4: this rank's unfinished chunks through the loop; returns the decode feed used.
-    The manifest lists the finished shards from the start, and again if the run stops."""
+          progress: Progress | None) -> tuple[DecodeFeed | None, dict[int, Any]]:
+    """Step 4: this rank's unfinished chunks through the loop; returns the decode feed used
+    and the shards that were finished before. The manifest lists the finished shards from
+    the start, and again if the run stops."""
     finished = _finished(run.cfg, run.out, announce=dist.is_main)
     todo_all = [c for c in plan.chunks if c.id not in finished]
     mine = [c for c in todo_all if dist.mine(c.id)]
@@ -166,11 +169,12 @@ def _work(run: Run, plan: Any, dist: Any, feed: DecodeFeed | None, summary: Summ
     if mine and feed is None:
         feed = DecodeFeed(run.cfg, run.spec, plan, mine)
     if not todo_all:
-        return feed
+        return feed, finished
     if dist.is_main:  # readable from the start: the shards finished so far
         _finalize(run, plan, summary, finished=finished)
     try:
-        return run_chunks(run, plan, mine, todo_all, finished, summary, progress, dist, feed)
+        feed = run_chunks(run, plan, mine, todo_all, finished, summary, progress, dist, feed)
+        return feed, finished
     except BaseException:
         if dist.is_main:  # stopped or failed: list what is finished now
             _finalize_quietly(run, plan, summary)
@@ -569,8 +573,21 @@ def _finalize_quietly(run: Run, plan: Any, summary: Summary) -> None:
         logger.warning("could not update the manifest of %s: %s", run.out, err)
 
 
+def _count_every_rank(summary: Summary, shards: dict[int, Any], before: dict[int, Any],
+                      progress: Progress | None) -> None:
+    """Rank 0's summary (and bar) under torchrun: what every rank did, from the shards."""
+    new = [s for sid, s in shards.items() if sid not in before]
+    summary.extracted = sum(s.num_rows for s in new)
+    summary.failed = sum(s.num_failures for s in new)
+    summary.shards_written = len(new)
+    summary.bytes_written = sum(s.bytes for s in new)
+    set_done = getattr(progress, "set_done", None)
+    if set_done is not None:
+        set_done(sum(s.num_rows + s.num_failures for s in shards.values()))
+
+
 def _finalize(run: Run, plan: Any, summary: Summary,
-              finished: dict[int, Any] | None = None) -> None:
+              finished: dict[int, Any] | None = None) -> dict[int, Any]:
     """manifest.json, failures.jsonl and (when every chunk is done) the key index, for the
     shards in OUT now (or ``finished``)."""
     from clipfeat.store import finalize, scan_shards
@@ -580,3 +597,4 @@ def _finalize(run: Run, plan: Any, summary: Summary,
     summary.total_failures = sum(s.num_failures for s in shards.values())
     finalize(run.out, meta=run.settings.shard_attrs(), plan=plan.info(), shards=shards.values(),
              complete=summary.complete)
+    return shards
