@@ -10,6 +10,19 @@
 - ``check_compatible(meta, layer=..., feature=..., aspect=..., model=...)`` refuses a store
   made with other settings, naming both values.
 
+In LLaVA's own ``llava/train/train.py`` the store is named once, by the environment
+variable ``CLIPFEAT_STORE``, and two helpers make the edits one call each:
+
+- ``precomputed_vision_tower(vision_tower_cfg, **kwargs)``, called first thing in LLaVA's
+  ``build_vision_tower``: the store's tower when ``CLIPFEAT_STORE`` is set (None otherwise),
+  checked against the model, layer and feature of whatever config LLaVA passes (the
+  ``ModelArguments`` of a fresh run, or the checkpoint's ``config`` when
+  ``LlavaMetaModel.__init__`` builds the tower of a checkpoint).
+- ``load_features(sample, data_args)``, in ``LazySupervisedDataset.__getitem__``: the
+  sample's features, or zeros of the store's shape for a text-only sample; refuses a store
+  whose aspect is not ``data_args.image_aspect_ratio`` (the only object that holds the run's
+  aspect in every code path).
+
 ``torch`` is imported only when the tower class is first used (``import clipfeat.llava``
 stays light).
 """
@@ -27,7 +40,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from clipfeat.store import FeatureStore
 
-__all__ = ["LlavaFeatureDataset", "PrecomputedVisionTower", "check_compatible"]  # noqa: F822
+__all__ = ["STORE_ENV", "LlavaFeatureDataset", "PrecomputedVisionTower",  # noqa: F822
+           "check_compatible", "load_features", "precomputed_vision_tower"]
+
+# The one place the store of a LLaVA run is named (see precomputed_vision_tower).
+STORE_ENV = "CLIPFEAT_STORE"
 
 # LLaVA's image_aspect_ratio values that mean "the image processor's own resize/crop".
 _PLAIN_ASPECTS = {"square", "crop", "resize", "center_crop", "default", "none", "", "plain"}
@@ -241,6 +258,102 @@ def __getattr__(name: str) -> Any:
     if name == "PrecomputedVisionTower":
         return _tower_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ----------------------------------------------------------------- LLaVA train.py
+
+
+def store_path(store: FeatureStore | str | os.PathLike | None = None):
+    """``store`` if given, else ``$CLIPFEAT_STORE``; None when neither names a store."""
+    if store is not None:
+        return store
+    value = os.environ.get(STORE_ENV, "").strip()
+    return value or None
+
+
+def precomputed_vision_tower(vision_tower_cfg: Any, store: Any = None, **kwargs: Any):
+    """What LLaVA's ``build_vision_tower(vision_tower_cfg, **kwargs)`` should return when
+    training on a store: a ``PrecomputedVisionTower`` over ``store`` (default
+    ``$CLIPFEAT_STORE``), or None when no store is named, so LLaVA builds its own tower.
+
+    LLaVA calls its builder with ``ModelArguments`` (``initialize_vision_modules`` in a
+    fresh run) or with the model ``config`` (``LlavaMetaModel.__init__``, with
+    ``delay_load=True``, when the checkpoint's config has ``mm_vision_tower``); the model
+    (``mm_vision_tower`` or ``vision_tower``), ``mm_vision_select_layer`` and
+    ``mm_vision_select_feature`` are read from it the way LLaVA's ``CLIPVisionTower`` reads
+    them and checked against the store. The aspect is not: it is a ``DataArguments``
+    field, absent from both, so ``load_features`` checks it. ``kwargs`` (``delay_load``)
+    are accepted and ignored: there is nothing to load.
+    """
+    path = store_path(store)
+    if path is None:
+        return None
+    for flag in ("s2", "unfreeze_mm_vision_tower"):
+        if getattr(vision_tower_cfg, flag, False):
+            raise ConfigError(
+                f"{flag} is set, but precomputed features come from the frozen single-scale "
+                f"tower: unset {STORE_ENV} to train with the real tower")
+    return _tower_class()(
+        _cached_store(path),
+        expect_model=getattr(vision_tower_cfg, "mm_vision_tower",
+                             getattr(vision_tower_cfg, "vision_tower", None)),
+        expect_layer=getattr(vision_tower_cfg, "mm_vision_select_layer", None),
+        expect_feature=getattr(vision_tower_cfg, "mm_vision_select_feature", "patch"),
+    )
+
+
+_STORES: dict[str, FeatureStore] = {}  # per process; FeatureStore reopens its files after fork
+_ASPECTS_CHECKED: set[tuple[str, str]] = set()
+
+
+def _cached_store(store: FeatureStore | str | os.PathLike) -> FeatureStore:
+    if not isinstance(store, (str, os.PathLike)):
+        return _open_store(store)
+    key = os.path.abspath(os.fspath(store))
+    if key not in _STORES:
+        _STORES[key] = _open_store(store)
+    return _STORES[key]
+
+
+def load_features(sample: Any, data_args: Any = None, *, store: Any = None) -> torch.Tensor:
+    """The ``data_dict['image']`` of a LLaVA sample when training on a store.
+
+    ``sample`` is the sample dict (``self.list_data_dict[i]``) or its image key. With an
+    ``image`` string: that image's (tokens, hidden) features, in the store dtype. Without
+    one (a text-only sample): zeros of the same shape and dtype, the placeholder LLaVA's
+    collator stacks with the others and ``encode_images`` runs through the tower (LLaVA
+    uses zero pixels of the processor's crop size there).
+
+    ``store`` defaults to ``$CLIPFEAT_STORE``, opened once per process. The store's aspect
+    is checked against ``data_args.image_aspect_ratio`` (StoreError: a square store in a
+    ``pad`` run, or the reverse) on the first call of each process.
+    """
+    import torch
+
+    path = store_path(store)
+    if path is None:
+        raise ConfigError(f"no feature store: set {STORE_ENV} to the OUT folder of "
+                          "clipfeat extract (or pass store=)")
+    st = _cached_store(path)
+    aspect = getattr(data_args, "image_aspect_ratio", None)
+    if aspect is not None and (str(st.path), str(aspect)) not in _ASPECTS_CHECKED:
+        check_compatible(st.meta, aspect=aspect)
+        _ASPECTS_CHECKED.add((str(st.path), str(aspect)))
+    image = sample.get("image") if isinstance(sample, dict) else sample
+    if image is None:
+        dtype = torch.float32 if str(st.dtype) == "float32" else torch.float16
+        return torch.zeros(tuple(st.shape), dtype=dtype)
+    if not isinstance(image, str):
+        raise ConfigError(f"image is {image!r}: LLaVA's train.py takes one image string per "
+                          "sample (LlavaFeatureDataset handles lists)")
+    try:
+        return st[image]
+    except KeyError:
+        sid = sample.get("id") if isinstance(sample, dict) else None
+        raise KeyError(
+            f"image {image!r}" + (f" (sample id {sid!r})" if sid is not None else "")
+            + f" is not in the feature store {st.path}: extract it, or check that "
+            "the store was made from this JSON") from None
 
 
 def load_llava_samples(data: str | os.PathLike | list) -> list[dict]:
