@@ -323,3 +323,17 @@ def test_a_refused_settings_change_names_each_field_briefly(tmp_path, images, cl
     assert "layer: -2 in OUT -> -1 now" in msg
     assert "preprocessing.mean: " in msg and "-> [0.5, 0.5, 0.5] now" in msg
     assert "preprocessing.std" not in msg and len(msg) < 600, msg
+
+
+def test_limit_on_a_rerun_says_what_it_does(tmp_path, images, clip_full_dir, caplog):
+    """A smaller --limit on a rerun cannot take planned images out: it says so."""
+    import logging
+
+    root = next(iter(images.values())).parent
+    common = dict(roots=[str(root)], out=str(tmp_path / "out"), model=str(clip_full_dir),
+                  device="cpu", workers=0)
+    assert clipfeat.extract(**common, limit=4).planned == 4
+    with caplog.at_level(logging.WARNING):
+        s = clipfeat.extract(**common, limit=2)
+    assert s.planned == 4 and "--limit 2" in caplog.text and "already planned for 4" in caplog.text
+    assert clipfeat.extract(**common, limit=6).planned == 6  # a larger one adds images

@@ -320,6 +320,10 @@ def prepare(cfg: ExtractConfig) -> Prepared:
         plan = _existing_plan(out, cfg, items, settings, main=scan)
     if scan and not items and (plan is None or not plan.items):
         raise ConfigError(_nothing_to_extract(cfg, exts))
+    if plan is not None and cfg.limit is not None and len(plan.items) > cfg.limit:
+        logger.warning("--limit %d: %s is already planned for %d images by an earlier run; a "
+                       "limit can add images to a plan, not take them out (use --overwrite to "
+                       "plan again)", cfg.limit, out, len(plan.items))
     if plan is not None:
         if plan.shard_size != cfg.shard_size:
             raise ConfigError(
