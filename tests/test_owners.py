@@ -157,3 +157,13 @@ def test_extract_leaves_no_process_state_behind(tmp_path, clip_full_dir):
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def test_revision_of_a_local_folder_is_warned_about_once(tmp_path, clip_full_dir, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        s = clipfeat.extract(roots=[str(_images(tmp_path / "imgs"))], out=str(tmp_path / "out"),
+                             model=str(clip_full_dir), revision="v1", device="cpu", workers=0)
+    assert s.complete
+    assert caplog.text.count("revision 'v1' ignored") == 1, caplog.text
