@@ -280,8 +280,9 @@ def fake_compute(monkeypatch):
     calls = []
     state = {"answer": None}
 
-    def compute_features(items, meta, *, model, device):
+    def compute_features(items, meta, *, model, device, allow_pickle=False):
         calls.append((list(items), meta, model, device))
+        state["allow_pickle"] = allow_pickle
         return {key: state["answer"](key, path) for key, path in items}
 
     import clipfeat.verify
@@ -339,11 +340,79 @@ def test_sample_without_plan(tmp_path, fake_compute):
 
 
 def test_not_a_folder(tmp_path):
-    from clipfeat.errors import StoreError
+    from clipfeat.errors import ConfigError
 
-    with pytest.raises(StoreError, match="not a folder"):
+    with pytest.raises(ConfigError, match="no such folder"):
         verify_store(tmp_path / "nope")
-    assert os.listdir(tmp_path) == []
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ConfigError, match="not a folder"):
+        verify_store(tmp_path / "a-file")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="not a clipfeat store"):
+        verify_store(tmp_path / "empty")
+    assert sorted(os.listdir(tmp_path)) == ["a-file", "empty"]
+    assert os.listdir(tmp_path / "empty") == []
+
+
+def test_other_tower_is_one_shape_mismatch(tmp_path, fake_compute):
+    """--model of another tower (other hidden size/tokens): one problem, and the verdict
+    line says shape mismatch, not "max relative error 0"."""
+    _, state = fake_compute
+    make_store(tmp_path)
+    state["answer"] = lambda key, path: np.zeros((TOKENS + 1, 2 * HIDDEN), np.float32)
+    report = verify_store(tmp_path, model="other/tower", sample=6)
+    assert not report.ok and report.sampled == 6
+    assert len(report.problems) == 1, report.problems
+    assert "shape 7 x 32 but the store holds 6 x 16" in report.problems[0]
+    head = report.format().splitlines()[0]
+    assert head.startswith("FAILED:") and "1 problem (" in head
+    assert "shape mismatch: other/tower gives 7 x 32, the store holds 6 x 16" in head
+    assert "relative error" not in report.format()
+    assert report.max_sample_error is None
+    assert report.to_dict()["sample_mismatch"] == report.sample_mismatch
+
+
+def test_truncated_shard_is_reported_once(tmp_path):
+    make_store(tmp_path)
+    path = tmp_path / "shard-000001.h5"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    report = verify_store(tmp_path)
+    about = problems_about(report, "shard-000001.h5")
+    assert len(about) == 1 and len(report.problems) == 1, report.problems
+    assert "was written with" in about[0] and "cannot be opened as HDF5" in about[0]
+    assert about[0].count("shard-000001.h5") == 1
+    assert about[0].count("delete it and rerun") == 1
+    assert "1 problem (" in report.format()
+
+
+def test_one_shard_counts_in_singular(tmp_path):
+    make_store(tmp_path, rows=(1,))
+    head = verify_store(tmp_path).format().splitlines()[0]
+    assert "1 row in 1 shard checked" in head, head
+
+
+def test_allow_pickle_reaches_the_tower_loader(tmp_path, fake_compute, monkeypatch):
+    _, state = fake_compute
+    expected = make_store(tmp_path)
+    state["answer"] = lambda key, path: expected[key]
+    assert verify_store(tmp_path, model="m", sample=1, allow_pickle=True).ok
+    assert state["allow_pickle"] is True
+    import clipfeat.tower
+    import clipfeat.verify
+
+    monkeypatch.undo()  # the real compute_features, with a stand-in loader
+    seen = {}
+
+    def load_tower(model, **kw):
+        seen.update(kw)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(clipfeat.tower, "load_tower", load_tower)
+    with pytest.raises(RuntimeError, match="stop here"):
+        clipfeat.verify.compute_features([], {"layer": -2, "feature": "patch"}, model="m",
+                                         allow_pickle=True)
+    assert seen["allow_pickle"] is True
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -373,3 +442,4 @@ def test_real_extraction_verifies_with_samples(tmp_path, clip_vision_dir):
     assert report.ok, report.format()
     assert report.sampled == 4 and report.max_sample_error < 1e-4
     assert report.checked_rows == 5 and report.checked_shards == 3
+
