@@ -443,3 +443,51 @@ def test_real_extraction_verifies_with_samples(tmp_path, clip_vision_dir):
     assert report.sampled == 4 and report.max_sample_error < 1e-4
     assert report.checked_rows == 5 and report.checked_shards == 3
 
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from clipfeat.cli import app
+
+    return CliRunner().invoke(app, ["verify", *map(str, args)])
+
+
+def _one_line(res, code, needle):
+    lines = [x for x in res.stderr.splitlines() if x.strip()]
+    assert res.exit_code == code, (res.exit_code, res.output)
+    assert len(lines) == 1 and lines[0].startswith("clipfeat: error: "), res.stderr
+    assert needle in lines[0], lines[0]
+    assert res.stdout.strip() == "" and "Traceback" not in res.output
+
+
+def test_cli_missing_path_and_not_a_store_exit_2(tmp_path):
+    _one_line(_cli(tmp_path / "nope"), 2, "no such folder")
+    _one_line(_cli(tmp_path), 2, "not a clipfeat store")
+
+
+def test_cli_sample_without_model_exits_2(tmp_path):
+    make_store(tmp_path)
+    _one_line(_cli(tmp_path, "--sample", "32"), 2, "--sample 32 needs --model")
+
+
+def test_cli_json_has_ok(tmp_path):
+    make_store(tmp_path)
+    res = _cli(tmp_path, "--json")
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    assert d["ok"] is True and d["problems"] == [] and d["checked_shards"] == 3
+    (tmp_path / "shard-000001.h5").unlink()
+    res = _cli(tmp_path, "--json")
+    assert res.exit_code == 1 and json.loads(res.stdout)["ok"] is False
+
+
+def test_cli_allow_pickle(tmp_path, fake_compute):
+    _, state = fake_compute
+    expected = make_store(tmp_path)
+    state["answer"] = lambda key, path: expected[key]
+    res = _cli(tmp_path, "--model", "m", "--sample", "2", "--allow-pickle")
+    assert res.exit_code == 0, res.output
+    assert state["allow_pickle"] is True and "2 rows re-extracted" in res.stdout
