@@ -7,7 +7,6 @@ anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
 import sys
@@ -15,23 +14,98 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 try:  # typer >= 0.20 vendors its own click
     from typer._click import exceptions as click_exc
 except ImportError:  # pragma: no cover - older typer on top of click
     from click import exceptions as click_exc
 
-from clipfeat.config import ExtractConfig
-from clipfeat.errors import ClipfeatError, Interrupted
+from clipfeat.config import DEFAULT_VERIFY_SAMPLE, ExtractConfig
+from clipfeat.errors import ClipfeatError, ConfigError, Interrupted
+from clipfeat.sources import DEFAULT_EXTS
 from clipfeat.units import human_bytes
 
 #: Every flag's default is the library's (one owner: clipfeat.config).
 _DEFAULTS = ExtractConfig()
 
+# Help panels (typer's rich_help_panel; plain help without rich shows them as sections).
+INPUT, MODEL, OUTPUT, PERFORMANCE, BEHAVIOUR = (
+    "Input", "Model", "Output", "Performance", "Behaviour")
+
+
+class _HelpArgument(TyperArgument):
+    """An argument whose help shows its name only: no '<list[str]>' type column."""
+
+    def display_type_rich(self, ctx):
+        return None
+
+
+class _HelpOption(TyperOption):
+    """An option whose help shows no '<bool>' on flags, and a default given as text
+    (``show_default="one per core"``) without typer's parentheses."""
+
+    def display_type_rich(self, ctx):
+        return "" if self.is_flag else super().display_type_rich(ctx)
+
+    def _get_default_string(self, *, ctx, show_default_is_str, default_value):
+        if show_default_is_str:
+            return str(self.show_default)
+        return super()._get_default_string(ctx=ctx, show_default_is_str=False,
+                                           default_value=default_value)
+
+
+def _help_params(params: list) -> list:
+    """The parameters as help shows them (see `_HelpArgument`, `_HelpOption`); --help in
+    the last panel, not alone in a box of its own."""
+    for param in params:
+        if type(param) is TyperArgument:
+            param.__class__ = _HelpArgument
+        elif type(param) is TyperOption:
+            param.__class__ = _HelpOption
+    panels = [getattr(p, "rich_help_panel", None) for p in params if p.name != "help"]
+    last = next((panel for panel in reversed(panels) if panel), None)
+    for param in params:
+        if param.name == "help" and isinstance(param, TyperOption):
+            param.rich_help_panel = last
+    return params
+
+
+class _Command(TyperCommand):
+    """A command whose help has a plain usage line (``[ROOT]...``, ``OUT``: not typer's
+    ``[ROOT...]...`` or ``{out}``), the parameters of `_help_params`, and, in plain help
+    (typer without rich), the options grouped under their panels' names as rich shows them."""
+
+    def get_params(self, ctx) -> list:
+        return _help_params(super().get_params(ctx))
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if isinstance(param, TyperArgument):
+                name = (param.metavar or param.name or "ARG").upper()
+                name = name if param.required else f"[{name}]"
+                pieces.append(name + ("..." if param.nargs != 1 else ""))
+        return pieces
+
+    def format_options(self, ctx, formatter) -> None:
+        sections: dict[str, list] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is not None:
+                default = "Arguments" if isinstance(param, TyperArgument) else "Options"
+                sections.setdefault(getattr(param, "rich_help_panel", None) or default,
+                                    []).append(record)
+        for title, records in sections.items():
+            with formatter.section(title):
+                formatter.write_dl(records)
+
 
 class _OneLineErrors(TyperGroup):
     """Usage errors as one line on stderr (exit 2), never a usage box or a traceback."""
+
+    def get_params(self, ctx) -> list:
+        return _help_params(super().get_params(ctx))
 
     def main(self, *args, standalone_mode: bool = True, **kwargs):  # type: ignore[override]
         try:
@@ -57,7 +131,18 @@ class _OneLineErrors(TyperGroup):
 app = typer.Typer(
     cls=_OneLineErrors,
     name="clipfeat",
-    help="Precompute LLaVA-exact CLIP/SigLIP vision features into HDF5 shards.",
+    help="""Precompute LLaVA-exact CLIP/SigLIP vision features into HDF5 shards.
+
+\b
+Examples:
+  clipfeat extract /data/LLaVA-Pretrain/images --out feats/pretrain
+  clipfeat extract --llava-json llava_v1_5_mix665k.json --image-folder /data --aspect pad --out feats/ft
+  torchrun --nproc-per-node 8 -m clipfeat extract /data/images --out /shared/feats
+  clipfeat info openai/clip-vit-large-patch14-336 --images 558128
+  clipfeat info feats/pretrain
+  clipfeat verify feats/pretrain --model openai/clip-vit-large-patch14-336 --sample 32
+
+Run 'clipfeat COMMAND --help' for a command's options.""",
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -84,15 +169,22 @@ def _root(
         raise typer.Exit(0)
 
 
-@app.command()
+@app.command(cls=_Command)
 def info(
-    target: str = typer.Argument(..., help="A model (hub name or local folder), or an OUT store."),
-    layer: int = typer.Option(_DEFAULTS.layer, "--layer", help="Hidden layer to select (negative counts from the end)."),
-    feature: str = typer.Option(_DEFAULTS.feature, "--feature", help="patch (drop CLS) or cls_patch (keep it)."),
-    images: Optional[int] = typer.Option(None, "--images", min=0, help="Estimate the output size for N images."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    target: str = typer.Argument(..., metavar="TARGET", help="A model (hub name or local folder), or an OUT store."),
+    layer: int = typer.Option(_DEFAULTS.layer, "--layer", metavar="N", help="Hidden layer to select (negative counts from the end).", rich_help_panel=MODEL),
+    feature: str = typer.Option(_DEFAULTS.feature, "--feature", metavar="patch|cls_patch", help="patch (drop CLS) or cls_patch (keep it).", rich_help_panel=MODEL),
+    images: Optional[int] = typer.Option(None, "--images", min=0, metavar="N", help="Estimate the output size for N images.", rich_help_panel=OUTPUT),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object.", rich_help_panel=OUTPUT),
 ) -> None:
-    """What a tower will produce (shapes, sizes, preprocessing), or a summary of a store."""
+    """What a tower will produce (shapes, sizes, preprocessing), or a summary of a store.
+
+    \b
+    Examples:
+      clipfeat info openai/clip-vit-large-patch14-336 --layer -2 --images 558128
+      clipfeat info google/siglip-so400m-patch14-384 --json
+      clipfeat info feats/pretrain
+    """
     from clipfeat import info as info_mod
 
     try:
@@ -157,41 +249,51 @@ def _split_exts(value: Optional[str]) -> Optional[tuple]:
     return parse_exts(value)
 
 
-@app.command()
+@app.command(cls=_Command)
 def extract(
     # str, not Path: Path("") is ".", so an empty --out (an unset shell variable) would
     # silently write into the current folder.
-    roots: List[str] = typer.Argument(None, metavar="ROOT...", help="Image folders to walk (recursively)."),
-    out: str = typer.Option(..., "--out", "-o", help="Output folder for shards, manifest and failures."),
-    model: str = typer.Option(_DEFAULTS.model, "--model", help="Hub name or local checkpoint folder (CLIP or SigLIP)."),
-    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
-    layer: int = typer.Option(_DEFAULTS.layer, "--layer", help="Hidden layer (LLaVA's mm_vision_select_layer); negative counts from the end."),
-    feature: str = typer.Option(_DEFAULTS.feature, "--feature", help="patch (drop CLS) or cls_patch (keep it)."),
-    aspect: str = typer.Option(_DEFAULTS.aspect, "--aspect", help="square (resize+crop) or pad (LLaVA-1.5 expand2square)."),
-    device: str = typer.Option(_DEFAULTS.device, "--device", help="auto, cpu, cuda or cuda:N."),
-    dtype: str = typer.Option(_DEFAULTS.dtype, "--dtype", help="Compute dtype: auto (float16 on CUDA, float32 on CPU), float16, bfloat16, float32."),
-    store_dtype: str = typer.Option(_DEFAULTS.store_dtype, "--store-dtype", help="Stored dtype: float16 or float32."),
-    batch_size: int = typer.Option(_DEFAULTS.batch_size, "--batch-size", help="Images per forward pass."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Decode processes (default: one per core; 0 = in-process)."),
-    shard_size: int = typer.Option(_DEFAULTS.shard_size, "--shard-size", help="Images per shard (the unit of resume)."),
-    files_from: Optional[Path] = typer.Option(None, "--files-from", help="Text file of image paths, one per line (relative to ROOT or absolute)."),
-    llava_json: Optional[Path] = typer.Option(None, "--llava-json", help="LLaVA training JSON/JSONL; keys are its 'image' strings."),
-    image_folder: Optional[Path] = typer.Option(None, "--image-folder", help="Folder the --llava-json image paths are relative to."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N inputs."),
-    ext: Optional[str] = typer.Option(None, "--ext", help="Comma-separated extensions to take (default jpg,jpeg,png,webp,bmp,gif,tif,tiff)."),
-    exif_transpose: bool = typer.Option(False, "--exif-transpose", help="Apply EXIF orientation (LLaVA does not)."),
-    max_pixels: int = typer.Option(_DEFAULTS.max_pixels, "--max-pixels", help="Refuse images with more pixels (decompression bombs)."),
-    decode_timeout: float = typer.Option(_DEFAULTS.decode_timeout, "--decode-timeout", help="Seconds before a stuck decode is abandoned and recorded."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an OUT made with other settings."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights; only for trusted checkpoints."),
-    retry_failed: bool = typer.Option(False, "--retry-failed", help="Redo finished shards whose failures were timeouts, crashes or out-of-memory (not bad files)."),
-    no_follow_outside: bool = typer.Option(False, "--no-follow-outside", help="Do not follow symlinks that lead out of ROOT / --image-folder (recorded as failures)."),
-    no_lock: bool = typer.Option(False, "--no-lock", help="Do not lock OUT (file systems without locks; then never run two extracts into one OUT)."),
-    strict: bool = typer.Option(False, "--strict", help="Exit 1 if any input failed."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
+    roots: List[str] = typer.Argument(None, metavar="ROOT", help="Image folders to walk (recursively); with --files-from, the one folder its paths are relative to.", show_default=False, rich_help_panel=INPUT),
+    files_from: Optional[Path] = typer.Option(None, "--files-from", metavar="FILE", help="Text file of image paths, one per line, relative to ROOT (without ROOT: to the current folder) or absolute inside it.", rich_help_panel=INPUT),
+    llava_json: Optional[Path] = typer.Option(None, "--llava-json", metavar="FILE", help="LLaVA training JSON/JSONL; keys are its 'image' strings.", rich_help_panel=INPUT),
+    image_folder: Optional[Path] = typer.Option(None, "--image-folder", metavar="DIR", help="Folder the --llava-json image paths are relative to.", rich_help_panel=INPUT),
+    ext: Optional[str] = typer.Option(None, "--ext", metavar="LIST", show_default=",".join(DEFAULT_EXTS), help="Comma-separated extensions taken when walking folders.", rich_help_panel=INPUT),
+    limit: Optional[int] = typer.Option(None, "--limit", metavar="N", show_default="all", help="Only the first N inputs.", rich_help_panel=INPUT),
+    exif_transpose: bool = typer.Option(False, "--exif-transpose", help="Apply EXIF orientation (LLaVA does not).", rich_help_panel=INPUT),
+    max_pixels: int = typer.Option(_DEFAULTS.max_pixels, "--max-pixels", metavar="N", help="Refuse images with more pixels (decompression bombs).", rich_help_panel=INPUT),
+    no_follow_outside: bool = typer.Option(False, "--no-follow-outside", help="Do not follow symlinks that lead out of ROOT / --image-folder (recorded as failures).", rich_help_panel=INPUT),
+    model: str = typer.Option(_DEFAULTS.model, "--model", metavar="NAME|DIR", help="Hub name or local checkpoint folder (CLIP or SigLIP).", rich_help_panel=MODEL),
+    revision: Optional[str] = typer.Option(None, "--revision", metavar="REV", help="Hub revision (branch, tag or commit).", rich_help_panel=MODEL),
+    layer: int = typer.Option(_DEFAULTS.layer, "--layer", metavar="N", help="Hidden layer (LLaVA's mm_vision_select_layer); negative counts from the end.", rich_help_panel=MODEL),
+    feature: str = typer.Option(_DEFAULTS.feature, "--feature", metavar="patch|cls_patch", help="patch (drop CLS) or cls_patch (keep it).", rich_help_panel=MODEL),
+    aspect: str = typer.Option(_DEFAULTS.aspect, "--aspect", metavar="square|pad", help="square (resize+crop) or pad (LLaVA-1.5 expand2square).", rich_help_panel=MODEL),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights; only for trusted checkpoints.", rich_help_panel=MODEL),
+    out: str = typer.Option(..., "--out", "-o", metavar="DIR", help="Output folder for shards, manifest and failures.", rich_help_panel=OUTPUT),
+    store_dtype: str = typer.Option(_DEFAULTS.store_dtype, "--store-dtype", metavar="float16|float32", help="Stored dtype.", rich_help_panel=OUTPUT),
+    shard_size: int = typer.Option(_DEFAULTS.shard_size, "--shard-size", metavar="N", help="Images per shard (the unit of resume).", rich_help_panel=OUTPUT),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an OUT made with other settings.", rich_help_panel=OUTPUT),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary.", rich_help_panel=OUTPUT),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout.", rich_help_panel=OUTPUT),
+    device: str = typer.Option(_DEFAULTS.device, "--device", metavar="DEVICE", help="auto, cpu, cuda or cuda:N.", rich_help_panel=PERFORMANCE),
+    dtype: str = typer.Option(_DEFAULTS.dtype, "--dtype", metavar="DTYPE", help="Compute dtype: auto (float16 on CUDA, float32 on CPU), float16, bfloat16, float32.", rich_help_panel=PERFORMANCE),
+    batch_size: int = typer.Option(_DEFAULTS.batch_size, "--batch-size", metavar="N", help="Images per forward pass.", rich_help_panel=PERFORMANCE),
+    workers: Optional[int] = typer.Option(_DEFAULTS.workers, "--workers", metavar="N", show_default="one per core", help="Decode processes (0 = decode in-process).", rich_help_panel=PERFORMANCE),
+    decode_timeout: float = typer.Option(_DEFAULTS.decode_timeout, "--decode-timeout", metavar="SECONDS", help="Seconds before a stuck decode is abandoned and recorded.", rich_help_panel=PERFORMANCE),
+    strict: bool = typer.Option(False, "--strict", help="Exit 1 if any input failed.", rich_help_panel=BEHAVIOUR),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Redo finished shards whose failures were timeouts, crashes or out-of-memory (not bad files).", rich_help_panel=BEHAVIOUR),
+    no_lock: bool = typer.Option(False, "--no-lock", help="Do not lock OUT (file systems without locks; then never run two extracts into one OUT).", rich_help_panel=BEHAVIOUR),
 ) -> None:
-    """Extract features for every image under ROOT... into HDF5 shards in --out."""
+    """Extract features for every image under ROOT (or listed) into HDF5 shards in --out.
+
+    \b
+    Examples:
+      clipfeat extract /data/LLaVA-Pretrain/images --out feats/pretrain
+      clipfeat extract --llava-json llava_v1_5_mix665k.json --image-folder /data --aspect pad --out feats/ft
+      clipfeat extract --files-from list.txt /data/images --out feats/list
+      torchrun --nproc-per-node 8 -m clipfeat extract /data/images --out /shared/feats
+
+    Rerunning the same command resumes; finished shards are never redone.
+    """
     from clipfeat.distributed import env_world
 
     try:
@@ -270,25 +372,37 @@ def extract(
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(cls=_Command)
 def verify(
-    out: Path = typer.Argument(..., help="An output folder written by clipfeat extract."),
-    model: Optional[str] = typer.Option(None, "--model", help="Re-extract --sample images with this model and compare."),
-    sample: int = typer.Option(8, "--sample", min=0, help="Images to re-extract with --model."),
-    device: str = typer.Option("cpu", "--device", help="Device for the re-extraction."),
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    out: str = typer.Argument(..., metavar="OUT", help="An output folder written by clipfeat extract."),
+    model: Optional[str] = typer.Option(None, "--model", metavar="NAME|DIR", help="Also re-extract --sample rows with this model and compare.", rich_help_panel=MODEL),
+    sample: Optional[int] = typer.Option(None, "--sample", min=0, metavar="N", show_default=f"{DEFAULT_VERIFY_SAMPLE} with --model", help="Rows to re-extract (needs --model).", rich_help_panel=MODEL),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights for the re-extraction; only for trusted checkpoints.", rich_help_panel=MODEL),
+    device: str = typer.Option("cpu", "--device", metavar="DEVICE", help="Device for the re-extraction.", rich_help_panel=PERFORMANCE),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object (with 'ok').", rich_help_panel=OUTPUT),
 ) -> None:
-    """Check a store: every shard opens, counts/keys/attributes agree, no NaN/Inf."""
+    """Check a store: every shard opens, counts/keys/attributes agree, no NaN/Inf.
+
+    \b
+    Examples:
+      clipfeat verify feats/pretrain
+      clipfeat verify feats/pretrain --model openai/clip-vit-large-patch14-336 --sample 32
+
+    Exit 0 when sound, 1 when a problem was found, 2 for a usage error.
+    """
     from clipfeat.verify import verify_store
 
     try:
-        report = verify_store(str(out), model=model, sample=sample if model else 0, device=device)
+        if sample is not None and not model:
+            raise ConfigError(f"--sample {sample} needs --model: rows are re-extracted with "
+                              "a model and compared (pass the store's model)")
+        if sample is None:
+            sample = DEFAULT_VERIFY_SAMPLE if model else 0
+        report = verify_store(out, model=model, sample=sample, device=device,
+                              allow_pickle=allow_pickle)
     except ClipfeatError as err:
         _fail(err)
-    if as_json:
-        typer.echo(json.dumps(dataclasses.asdict(report) if dataclasses.is_dataclass(report) else {"ok": report.ok, "problems": report.problems}))
-    else:
-        typer.echo(report.format())
+    typer.echo(json.dumps(report.to_dict()) if as_json else report.format())
     raise typer.Exit(0 if report.ok else 1)
 
 

@@ -23,6 +23,9 @@ DTYPES = ("auto", "float16", "bfloat16", "float32")
 STORE_DTYPES = ("float16", "float32")  # clipfeat.store.attrs maps each to its bytes on disk
 #: Pillow's own default ``Image.MAX_IMAGE_PIXELS`` (1 GiB of 24-bit pixels / 4 / 3).
 DEFAULT_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3
+#: Rows `clipfeat verify --model` re-extracts when no --sample is given.
+DEFAULT_VERIFY_SAMPLE = 8
+
 #: Upper bounds of flags whose larger values can only be mistakes.
 MAX_SHARD_SIZE = 1_000_000
 MAX_MAX_PIXELS = 10_000_000_000  # 10 gigapixels: 30 GB of RGB

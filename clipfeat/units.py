@@ -1,4 +1,5 @@
-"""How clipfeat writes sizes for people: one formatter for every message and report."""
+"""How clipfeat writes sizes and counts for people: one formatter each for every message
+and report."""
 
 from __future__ import annotations
 
@@ -11,3 +12,9 @@ def human_bytes(n: float) -> str:
             return f"{int(value)} B" if unit == "B" else f"{value:.2f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """A count with its noun: (1, 'shard') -> '1 shard', (3, 'shard') -> '3 shards';
+    thousands separated (1,000 rows)."""
+    return f"{n:,} {word if n == 1 else (words or word + 's')}"

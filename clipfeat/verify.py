@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clipfeat.errors import ClipfeatError, StoreError
+from clipfeat.errors import ClipfeatError, ConfigError, StoreError
 from clipfeat.store import (
     FAILURES,
     MANIFEST,
@@ -37,6 +37,7 @@ from clipfeat.store import (
     check_shard_bytes,
     decode_attr,
     encode_attr,
+    is_store,
     key_bytes,
     key_hash,
     key_str,
@@ -48,6 +49,7 @@ from clipfeat.store import (
     seq_sha256,
     shard_checksum,
 )
+from clipfeat.units import plural
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,8 @@ class VerifyReport:
     checked_rows: int = 0
     sampled: int = 0
     max_sample_error: float | None = None
+    #: Why sampled rows could not be compared at all (another tower: other shape), or None.
+    sample_mismatch: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -83,20 +87,23 @@ class VerifyReport:
             "checked_rows": self.checked_rows,
             "sampled": self.sampled,
             "max_sample_error": self.max_sample_error,
+            "sample_mismatch": self.sample_mismatch,
         }
 
     def format(self) -> str:
         """Human-readable report: a verdict line, then problems, then notes."""
-        what = f"{self.checked_rows} rows in {self.checked_shards} shards"
+        what = f"{plural(self.checked_rows, 'row')} in {plural(self.checked_shards, 'shard')}"
         if self.sampled:
-            what += f", {self.sampled} rows re-extracted"
-            if self.max_sample_error is not None:
+            what += f", {plural(self.sampled, 'row')} re-extracted"
+            if self.sample_mismatch:
+                what += f" ({self.sample_mismatch})"
+            elif self.max_sample_error is not None:
                 what += f" (max relative error {self.max_sample_error:.2e})"
         if self.ok:
             lines = [f"OK: {self.path}: {what} checked, no problems"]
         else:
-            n = len(self.problems)
-            lines = [f"FAILED: {self.path}: {n} problem{'s' if n != 1 else ''} ({what} checked)"]
+            lines = [f"FAILED: {self.path}: {plural(len(self.problems), 'problem')} "
+                     f"({what} checked)"]
             lines += [f"  problem: {p}" for p in self.problems]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -142,28 +149,46 @@ class _ShardResult:
         self.hashes: list[int] = []
         self.rows = 0
         self.readable = False
+        self.findings: list[str] = []  # what the checks of this shard found, in order
 
 
-def _check_shard(out: Path, name: str, entry: dict | None, config: dict,
-                 problems: list[str]) -> _ShardResult:
+REDO = "delete it and rerun the extract command to redo it"
+_REDO_SUFFIXES = (f"; {REDO}", "; delete it and rerun to redo it")
+
+
+def _report_shard(res: _ShardResult, report: VerifyReport) -> None:
+    """One problem per shard, however many checks failed on it: its findings in the order
+    found (size, checksum, HDF5, contents), the fix said once."""
+    if not res.findings:
+        return
+    prefix, fix, texts = f"{res.name}: ", "", []
+    for text in res.findings:
+        text = text.removeprefix(prefix)
+        for suffix in _REDO_SUFFIXES:
+            if text.endswith(suffix):
+                text, fix = text[: -len(suffix)], f"; {REDO}"
+        texts.append(text)
+    report.problems.append(prefix + "; ".join(texts) + fix)
+
+
+def _check_shard(out: Path, name: str, entry: dict | None, config: dict) -> _ShardResult:
     res = _ShardResult(name)
+    problems = res.findings
     path = out / name
     sid = parse_shard_id(name)
     size = path.stat().st_size
-    if entry is not None and entry.get("bytes") and int(entry["bytes"]) != size:
-        problems.append(
-            f"{name}: {size} bytes on disk but manifest.json recorded {entry['bytes']} "
-            "(truncated or modified); delete it and rerun the extract command to redo it"
-        )
     try:
         damage = check_shard_bytes(path)
         recorded = shard_checksum(path)
     except OSError as err:
         problems.append(f"{name}: cannot be read ({_first_line(err)})")
         return res
-    if damage is not None:
-        problems.append(f"{name}: {damage}; delete it and rerun the extract command to redo it")
-    elif entry is not None and entry.get("checksum") and recorded and (
+    if damage is not None:  # its own size and checksum: says it better than the manifest
+        problems.append(f"{name}: {damage}; {REDO}")
+    elif entry is not None and entry.get("bytes") and int(entry["bytes"]) != size:
+        problems.append(f"{name}: {size} bytes on disk but manifest.json recorded "
+                        f"{entry['bytes']} (truncated or modified); {REDO}")
+    if damage is None and entry is not None and entry.get("checksum") and recorded and (
             recorded[0] != entry["checksum"]):
         problems.append(f"{name}: not the file manifest.json lists (checksum differs); "
                         "delete it and rerun the extract command to redo it")
@@ -399,7 +424,7 @@ def _check_failures_file(out: Path, man: dict | None, problems: list[str]) -> No
 
 
 def _sample(out: Path, report: VerifyReport, entries: list[dict], config: dict, *,
-            model: str, sample: int, device: str, seed: int) -> None:
+            model: str, sample: int, device: str, seed: int, allow_pickle: bool) -> None:
     import numpy as np
 
     counts = [int(e.get("num_rows", 0)) for e in entries]
@@ -437,9 +462,11 @@ def _sample(out: Path, report: VerifyReport, entries: list[dict], config: dict, 
             items.append((key, paths[key]))
     if not items:
         return
-    fresh = compute_features(items, config, model=model, device=device)
+    fresh = compute_features(items, config, model=model, device=device,
+                             allow_pickle=allow_pickle)
     tol = _sample_tolerance(config)
-    worst = 0.0
+    worst: float | None = None
+    shapes: dict[tuple, tuple] = {}  # re-extracted shape -> stored shape, when they differ
     for key, name, stored in chosen:
         if key not in paths:
             continue
@@ -450,17 +477,28 @@ def _sample(out: Path, report: VerifyReport, entries: list[dict], config: dict, 
             continue
         ref = np.asarray(ref, dtype=np.float32)
         if ref.shape != stored.shape:
-            report.problems.append(f"{name}: {key!r} re-extracted with shape {ref.shape}, "
-                                   f"stored {stored.shape} (different model or feature?)")
+            shapes.setdefault(tuple(ref.shape), tuple(stored.shape))
             continue
         err = float(np.linalg.norm(stored - ref) / max(float(np.linalg.norm(ref)), 1e-12))
-        worst = max(worst, err)
+        worst = err if worst is None else max(worst, err)
         if not err <= tol:
             report.problems.append(
                 f"{name}: {key!r} differs from a fresh extraction with {model} (relative error "
                 f"{err:.2e} > {tol:.0e}; max abs diff {float(np.abs(stored - ref).max()):.3g}): "
                 "made with another model, layer or preprocessing?")
     report.max_sample_error = worst
+    for fresh_shape, stored_shape in shapes.items():  # one tower, so one shape: once
+        report.sample_mismatch = (f"shape mismatch: {model} gives {_shape(fresh_shape)}, "
+                                  f"the store holds {_shape(stored_shape)}")
+        report.problems.append(
+            f"re-extracting with --model {model} gives features of shape "
+            f"{_shape(fresh_shape)} but the store holds {_shape(stored_shape)}: it was made "
+            f"with another model or --feature (manifest.json: model "
+            f"{config.get('model', '?')}, feature {config.get('feature', '?')})")
+
+
+def _shape(shape: tuple) -> str:
+    return " x ".join(str(int(d)) for d in shape)
 
 
 def _manifest_entries(out: Path, man: dict, problems: list[str]) -> list[dict]:
@@ -512,14 +550,15 @@ def _note_unfinished(out: Path, man: dict | None, complete: bool, entries: list[
     partials = [p for p in os.listdir(out)
                 if p.startswith(SHARD_PREFIX) and p.endswith(PARTIAL_SUFFIX)]
     if partials:
-        report.notes.append(f"{len(partials)} unfinished shard(s) (*{PARTIAL_SUFFIX}) from an "
-                            "interrupted run; the next extract run removes them")
+        report.notes.append(f"{plural(len(partials), 'unfinished shard')} (*{PARTIAL_SUFFIX}) "
+                            "from an interrupted run; the next extract run removes "
+                            + ("it" if len(partials) == 1 else "them"))
     if man is None:
         return
     if not complete:
         total = planned_chunks(out, man.get("plan") or {})
         report.notes.append(
-            "store is incomplete: " + (f"{len(entries)} of {total} shards finished; "
+            "store is incomplete: " + (f"{len(entries)} of {plural(total, 'shard')} finished; "
                                        if total is not None else "")
             + "rerun the extract command to finish it")
     else:
@@ -544,12 +583,21 @@ def verify_store(
     sample: int = 0,
     device: str = "cpu",
     seed: int = 0,
+    allow_pickle: bool = False,
 ) -> VerifyReport:
     """Check the store in ``out_dir``; return a report (``report.ok``; the CLI exits 1
-    unless ok). With ``model`` and ``sample > 0`` also re-extract ``sample`` random rows."""
+    unless ok). With ``model`` and ``sample > 0`` also re-extract ``sample`` random rows
+    (``allow_pickle``: as in extract, for a model with only pickle weights).
+
+    ConfigError when ``out_dir`` is missing, not a folder or not a clipfeat store."""
     out = Path(out_dir)
+    if not out.exists():
+        raise ConfigError(f"{out}: no such folder; pass the OUT folder of clipfeat extract")
     if not out.is_dir():
-        raise StoreError(f"{out}: not a folder; pass the OUT folder of clipfeat extract")
+        raise ConfigError(f"{out}: not a folder; pass the OUT folder of clipfeat extract")
+    if not is_store(out):
+        raise ConfigError(f"{out}: not a clipfeat store (no manifest.json, plan or shards); "
+                          "pass the OUT folder of clipfeat extract")
     report = VerifyReport(path=str(out))
     problems = report.problems
     man: dict | None
@@ -573,10 +621,12 @@ def verify_store(
     by_name = {e["file"]: e for e in entries}
     results: list[_ShardResult] = []
     for name in names:
-        res = _check_shard(out, name, by_name.get(name), config, problems)
+        res = _check_shard(out, name, by_name.get(name), config)
+        _report_shard(res, report)
         results.append(res)
         report.checked_shards += 1
         report.checked_rows += res.rows
+    after_shards = len(problems)
     _check_settings(results, config, problems)
     _check_duplicates(out, results, problems)
     _check_failures_file(out, man, problems)
@@ -588,9 +638,15 @@ def verify_store(
         else:
             _sample(out, report, [e for e in entries if e["file"] in
                                   {r.name for r in results if r.readable}],
-                    config, model=model, sample=sample, device=device, seed=seed)
+                    config, model=model, sample=sample, device=device, seed=seed,
+                    allow_pickle=allow_pickle)
     elif sample > 0:
         report.notes.append("--sample needs --model to re-extract rows; skipped")
+    # A damaged shard is reported once, by its own checks: what later checks (key index,
+    # sampling) say about it follows from that.
+    damaged = {r.name for r in results if r.findings}
+    problems[after_shards:] = [p for p in problems[after_shards:]
+                               if p.split(": ", 1)[0] not in damaged]
     return report
 
 
@@ -600,6 +656,7 @@ def compute_features(
     *,
     model: str,
     device: str = "cpu",
+    allow_pickle: bool = False,
 ) -> dict[str, Any]:
     """Re-extract ``(key, path)`` items with the settings in ``meta`` (a store's config);
     key -> float32 array, or the error text of an image that cannot be read.
@@ -618,7 +675,8 @@ def compute_features(
         dtype = "float32"
     revision = (meta.get("model_revision") or None) if model == meta.get("model") else None
     tower = load_tower(model, layer=int(meta["layer"]), feature=str(meta["feature"]),
-                       revision=revision, device=device, dtype=dtype)
+                       revision=revision, device=device, dtype=dtype,
+                       allow_pickle=allow_pickle)
     spec = PreprocessSpec.from_processor_config(
         tower.model_ref.preprocessor_config, family=tower.family,
         image_size=int(tower.config.image_size),

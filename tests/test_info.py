@@ -258,3 +258,42 @@ def test_cli_info_unknown_model_exits_2(target, needle):
 def test_model_error_types():
     with pytest.raises(ModelError):
         info.describe_model("./no/such/folder")
+
+
+def _small_store(out, rows=(2, 1, 3)):
+    """A finished store of random rows via the public writer (tests/stores.py)."""
+    import numpy as np
+    from stores import Shard, build_store
+
+    meta = {"model": "tiny/clip", "layer": -2, "feature": "patch", "aspect": "square",
+            "tokens": 6, "hidden_size": 16, "store_dtype": "float16",
+            "compute_dtype": "float32"}
+    shards = [Shard([f"s{sid}/{i}.jpg" for i in range(n)],
+                    np.zeros((n, 6, 16), np.float32),
+                    failures=[{"key": f"bad{sid}.jpg", "path": f"/img/bad{sid}.jpg",
+                               "error": "cannot identify image file"}])
+              for sid, n in enumerate(rows)]
+    build_store(out, shards, meta=meta, plan={"num_chunks": len(rows)})
+
+
+def test_info_store_with_a_deleted_shard_is_incomplete(tmp_path):
+    """manifest.json says complete, but a listed shard is gone: INCOMPLETE, naming it."""
+    _small_store(tmp_path)
+    (tmp_path / "shard-000001.h5").unlink()
+    d = info.describe_store(str(tmp_path))
+    assert d["complete"] is False
+    assert d["missing_shards"] == 1 and d["missing_shard_files"] == ["shard-000001.h5"]
+    assert d["shards"] == 2 and d["images"] == 5
+    res = runner.invoke(app, ["info", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "(INCOMPLETE)" in res.stdout and "(complete)" not in res.stdout
+    assert ("missing    1 shard listed in manifest.json but not on disk (shard-000001.h5): "
+            "rerun the same extract command to redo it") in res.stdout
+    assert "pending    1 of 3 shards (1)" in res.stdout
+
+
+def test_info_store_counts_in_singular(tmp_path):
+    _small_store(tmp_path, rows=(1,))
+    text = info.format_store(info.describe_store(str(tmp_path)))
+    assert "(complete)" in text and "images     1 in 1 shard," in text, text
+    assert "missing" not in text

@@ -742,3 +742,23 @@ def test_real_disk_full_on_a_tmpfs(tmp_path):
         assert lines[1] == "LEFT []"
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_key_that_failed_extraction_points_to_failures_jsonl(tmp_path):
+    """A KeyError for a key whose extraction failed says so, with the recorded reason."""
+    meta = {"model": "m", "tokens": 6, "hidden_size": 16, "store_dtype": "float16"}
+    build_store(tmp_path, [Shard(["a.jpg"], np.zeros((1, 6, 16), np.float32), failures=[
+        {"key": "bad.jpg", "path": "/img/bad.jpg", "error": "cannot identify image file"}])],
+        meta=meta)
+    store = FeatureStore(tmp_path)
+    with pytest.raises(KeyError) as err:
+        store["bad.jpg"]
+    msg = str(err.value)
+    assert "its extraction failed (cannot identify image file)" in msg
+    assert str(tmp_path / "failures.jsonl") in msg
+    with pytest.raises(KeyError, match="is not in the store") as err:
+        store["never-listed.jpg"]
+    assert "failures.jsonl" not in str(err.value)
+    assert store.failure("bad.jpg") == "cannot identify image file"
+    assert store.get("bad.jpg") is None
+    assert pickle.loads(pickle.dumps(store))._failures is None

@@ -79,9 +79,15 @@ def test_truncated_shard(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     report = verify_store(tmp_path)
     assert not report.ok
-    assert problems_about(report, "shard-000001.h5")
     assert not problems_about(report, "shard-000000.h5")
     assert "FAILED" in report.format() and "shard-000001.h5" in report.format()
+    # reported once: its findings (size, HDF5) on one line, the fix said once
+    about = problems_about(report, "shard-000001.h5")
+    assert len(about) == 1 and len(report.problems) == 1, report.problems
+    assert "was written with" in about[0] and "cannot be opened as HDF5" in about[0]
+    assert about[0].count("shard-000001.h5") == 1
+    assert about[0].count("delete it and rerun") == 1
+    assert "1 problem (" in report.format()
 
 
 def _flip(path: Path, offset: int) -> None:
@@ -280,8 +286,9 @@ def fake_compute(monkeypatch):
     calls = []
     state = {"answer": None}
 
-    def compute_features(items, meta, *, model, device):
+    def compute_features(items, meta, *, model, device, allow_pickle=False):
         calls.append((list(items), meta, model, device))
+        state["allow_pickle"] = allow_pickle
         return {key: state["answer"](key, path) for key, path in items}
 
     import clipfeat.verify
@@ -339,11 +346,65 @@ def test_sample_without_plan(tmp_path, fake_compute):
 
 
 def test_not_a_folder(tmp_path):
-    from clipfeat.errors import StoreError
+    from clipfeat.errors import ConfigError
 
-    with pytest.raises(StoreError, match="not a folder"):
+    with pytest.raises(ConfigError, match="no such folder"):
         verify_store(tmp_path / "nope")
-    assert os.listdir(tmp_path) == []
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ConfigError, match="not a folder"):
+        verify_store(tmp_path / "a-file")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="not a clipfeat store"):
+        verify_store(tmp_path / "empty")
+    assert sorted(os.listdir(tmp_path)) == ["a-file", "empty"]
+    assert os.listdir(tmp_path / "empty") == []
+
+
+def test_other_tower_is_one_shape_mismatch(tmp_path, fake_compute):
+    """--model of another tower (other hidden size/tokens): one problem, and the verdict
+    line says shape mismatch, not "max relative error 0"."""
+    _, state = fake_compute
+    make_store(tmp_path)
+    state["answer"] = lambda key, path: np.zeros((TOKENS + 1, 2 * HIDDEN), np.float32)
+    report = verify_store(tmp_path, model="other/tower", sample=6)
+    assert not report.ok and report.sampled == 6
+    assert len(report.problems) == 1, report.problems
+    assert "shape 7 x 32 but the store holds 6 x 16" in report.problems[0]
+    head = report.format().splitlines()[0]
+    assert head.startswith("FAILED:") and "1 problem (" in head
+    assert "shape mismatch: other/tower gives 7 x 32, the store holds 6 x 16" in head
+    assert "relative error" not in report.format()
+    assert report.max_sample_error is None
+    assert report.to_dict()["sample_mismatch"] == report.sample_mismatch
+
+
+def test_one_shard_counts_in_singular(tmp_path):
+    make_store(tmp_path, rows=(1,))
+    head = verify_store(tmp_path).format().splitlines()[0]
+    assert "1 row in 1 shard checked" in head, head
+
+
+def test_allow_pickle_reaches_the_tower_loader(tmp_path, fake_compute, monkeypatch):
+    _, state = fake_compute
+    expected = make_store(tmp_path)
+    state["answer"] = lambda key, path: expected[key]
+    assert verify_store(tmp_path, model="m", sample=1, allow_pickle=True).ok
+    assert state["allow_pickle"] is True
+    import clipfeat.tower
+    import clipfeat.verify
+
+    monkeypatch.undo()  # the real compute_features, with a stand-in loader
+    seen = {}
+
+    def load_tower(model, **kw):
+        seen.update(kw)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(clipfeat.tower, "load_tower", load_tower)
+    with pytest.raises(RuntimeError, match="stop here"):
+        clipfeat.verify.compute_features([], {"layer": -2, "feature": "patch"}, model="m",
+                                         allow_pickle=True)
+    assert seen["allow_pickle"] is True
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -373,3 +434,52 @@ def test_real_extraction_verifies_with_samples(tmp_path, clip_vision_dir):
     assert report.ok, report.format()
     assert report.sampled == 4 and report.max_sample_error < 1e-4
     assert report.checked_rows == 5 and report.checked_shards == 3
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from clipfeat.cli import app
+
+    return CliRunner().invoke(app, ["verify", *map(str, args)])
+
+
+def _one_line(res, code, needle):
+    lines = [x for x in res.stderr.splitlines() if x.strip()]
+    assert res.exit_code == code, (res.exit_code, res.output)
+    assert len(lines) == 1 and lines[0].startswith("clipfeat: error: "), res.stderr
+    assert needle in lines[0], lines[0]
+    assert res.stdout.strip() == "" and "Traceback" not in res.output
+
+
+def test_cli_missing_path_and_not_a_store_exit_2(tmp_path):
+    _one_line(_cli(tmp_path / "nope"), 2, "no such folder")
+    _one_line(_cli(tmp_path), 2, "not a clipfeat store")
+
+
+def test_cli_sample_without_model_exits_2(tmp_path):
+    make_store(tmp_path)
+    _one_line(_cli(tmp_path, "--sample", "32"), 2, "--sample 32 needs --model")
+
+
+def test_cli_json_has_ok(tmp_path):
+    make_store(tmp_path)
+    res = _cli(tmp_path, "--json")
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    assert d["ok"] is True and d["problems"] == [] and d["checked_shards"] == 3
+    (tmp_path / "shard-000001.h5").unlink()
+    res = _cli(tmp_path, "--json")
+    assert res.exit_code == 1 and json.loads(res.stdout)["ok"] is False
+
+
+def test_cli_allow_pickle(tmp_path, fake_compute):
+    _, state = fake_compute
+    expected = make_store(tmp_path)
+    state["answer"] = lambda key, path: expected[key]
+    res = _cli(tmp_path, "--model", "m", "--sample", "2", "--allow-pickle")
+    assert res.exit_code == 0, res.output
+    assert state["allow_pickle"] is True and "2 rows re-extracted" in res.stdout

@@ -13,7 +13,7 @@ from clipfeat.store.attrs import PER_SHARD_ATTRS, decode_attr
 from clipfeat.store.layout import FAILURES, MANIFEST, is_store
 from clipfeat.store.manifest import read_manifest
 from clipfeat.store.shard import ShardInfo, open_shard, scan_shards
-from clipfeat.units import human_bytes
+from clipfeat.units import human_bytes, plural
 
 
 def _first_int(d: dict | None, *names: str) -> int | None:
@@ -89,6 +89,10 @@ def describe_store(out_dir: str | os.PathLike) -> dict:
                 reasons[r] = reasons.get(r, 0) + 1
     else:
         num_failures = sum(s.num_failures for s in shards)
+    # A shard the manifest lists but that is gone (deleted, moved) is not done: the store
+    # is then incomplete, whatever manifest.json says, and a rerun redoes it.
+    missing = [s.file for s in shards if not (out / s.file).is_file()]
+    shards = [s for s in shards if s.file not in set(missing)]
     done = {s.shard_id for s in shards}
     total_chunks = planned_chunks(out, plan)
     pending = (sorted(set(range(total_chunks)) - done) if total_chunks is not None else None)
@@ -101,7 +105,9 @@ def describe_store(out_dir: str | os.PathLike) -> dict:
     tokens, hidden = meta.get("tokens"), meta.get("hidden_size")
     return {
         "path": str(out),
-        "complete": bool(complete),
+        "complete": bool(complete) and not missing,
+        "missing_shards": len(missing),
+        "missing_shard_files": missing[:20],
         "images": sum(s.num_rows for s in shards),
         "failures": num_failures,
         "failure_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
@@ -137,7 +143,8 @@ def format_store(d: dict) -> str:
     state = "complete" if d.get("complete") else "INCOMPLETE"
     lines = [
         f"store      {d.get('path', '?')} ({state})",
-        f"images     {d.get('images', '?')} in {d.get('shards', '?')} shards"
+        f"images     {d.get('images', '?')} in "
+        + (plural(d["shards"], "shard") if isinstance(d.get("shards"), int) else "? shards")
         + (f", {human_bytes(d['bytes'])} on disk" if d.get("bytes") is not None else ""),
         f"model      {v('model')}"
         + (f" @ {c['model_revision']}" if c.get("model_revision") else ""),
@@ -147,11 +154,19 @@ def format_store(d: dict) -> str:
         f"features   {v('tokens')} x {v('hidden_size')} {v('store_dtype')}"
         f" (computed in {v('compute_dtype')})",
     ]
+    if d.get("missing_shards"):
+        names = ", ".join(d.get("missing_shard_files") or [])
+        more = "" if d["missing_shards"] <= len(d.get("missing_shard_files") or []) else ", ..."
+        lines.append(f"missing    {plural(d['missing_shards'], 'shard')} listed in {MANIFEST} "
+                     f"but not on disk ({names}{more}): rerun the same extract command to "
+                     "redo " + ("it" if d["missing_shards"] == 1 else "them"))
     if d.get("pending_shards"):
         ids = ", ".join(str(i) for i in d.get("pending_shard_ids") or [])
         more = "" if d["pending_shards"] <= len(d.get("pending_shard_ids") or []) else ", ..."
-        lines.append(f"pending    {d['pending_shards']} of {d.get('planned_shards', '?')} "
-                     f"shards ({ids}{more}): rerun the same extract command to finish")
+        planned = d.get("planned_shards")
+        lines.append(f"pending    {d['pending_shards']} of "
+                     + (plural(planned, "shard") if isinstance(planned, int) else "? shards")
+                     + f" ({ids}{more}): rerun the same extract command to finish")
     lines.append(f"failures   {d.get('failures', '?')}")
     for reason, count in (d.get("failure_reasons") or {}).items():
         lines.append(f"  {count:>8}  {reason}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -15,6 +16,7 @@ from clipfeat.store.attrs import STORE_DTYPES
 from clipfeat.store.checksum import USERBLOCK, parse_userblock
 from clipfeat.store.index import DictIndex, load_index, read_layout
 from clipfeat.store.keys import key_str
+from clipfeat.store.layout import FAILURES
 from clipfeat.store.manifest import read_manifest
 from clipfeat.store.shard import ShardInfo, open_shard
 
@@ -72,6 +74,7 @@ class FeatureStore:
         self._index = None
         self._index_kind = None
         self._layouts: dict[int, Any] = {}  # shard number -> row offsets, or None (h5py)
+        self._failures: dict[str, str] | None = None  # failures.jsonl, read on the first miss
         self._init_process_state()
         self._ensure_index()
         self._row_shape, self._dtype = self._detect_shape()
@@ -88,6 +91,7 @@ class FeatureStore:
         state = self.__dict__.copy()
         for name in ("_fds", "_handles", "_lock", "_pid"):
             state.pop(name, None)
+        state["_failures"] = None  # re-read on a miss, not copied to every worker
         if self._index_kind == "array":
             state["_index"] = None  # memory maps are re-opened, not copied
         return state
@@ -268,12 +272,35 @@ class FeatureStore:
             raise TypeError(f"store keys are str, not {type(key).__name__}")
         pos = self._ensure_index().find(key)
         if pos is None:
+            reason = self.failure(key)
+            if reason is not None:
+                raise KeyError(f"{key!r} is not in the store {self.path}: its extraction "
+                               f"failed ({reason}); see {self.path / FAILURES}")
             raise KeyError(
                 f"{key!r} is not in the store {self.path} ({self._n} keys); keys are the "
                 "exact image strings of the source (LLaVA 'image' field / path relative "
                 "to the input folder)"
             )
         return pos
+
+    def failure(self, key: str) -> str | None:
+        """Why ``key`` was not extracted, as ``failures.jsonl`` records it; None if it has
+        no failure record. The file is read once, on the first call."""
+        if self._failures is None:
+            failures: dict[str, str] = {}
+            try:
+                with open(self.path / FAILURES, encoding="utf-8",
+                          errors="surrogateescape") as fh:
+                    for line in fh:
+                        try:
+                            rec = json.loads(line)
+                            failures[str(rec["key"])] = str(rec.get("error") or "unknown")
+                        except (ValueError, KeyError, TypeError):
+                            continue  # blank or damaged line: clipfeat verify reports it
+            except OSError:
+                pass
+            self._failures = failures
+        return self._failures.get(key)
 
     def _shard_of(self, pos: int) -> int:
         import numpy as np
