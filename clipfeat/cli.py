@@ -24,7 +24,7 @@ except ImportError:  # pragma: no cover - older typer on top of click
 from clipfeat.config import DEFAULT_VERIFY_SAMPLE, ExtractConfig
 from clipfeat.errors import ClipfeatError, ConfigError, Interrupted
 from clipfeat.sources import DEFAULT_EXTS
-from clipfeat.units import human_bytes
+from clipfeat.units import human_bytes, plural
 
 #: Every flag's default is the library's (one owner: clipfeat.config).
 _DEFAULTS = ExtractConfig()
@@ -364,7 +364,7 @@ def extract(
                 f"{human_bytes(summary.bytes_written)} written to {out}"
             )
         if failures:
-            msg += f"; {failures:,} failures listed in {Path(out) / 'failures.jsonl'}"
+            msg += f"; {plural(failures, 'failure')} listed in {Path(out) / 'failures.jsonl'}"
         if not summary.complete and summary.world == 1:
             msg += " (incomplete: rerun to finish)"
         typer.echo(f"clipfeat: {msg}", err=True)
