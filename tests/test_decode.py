@@ -448,3 +448,25 @@ def test_close_from_another_thread_while_the_pool_starts(tmp_path, spec):
     assert errors == []
     with DecodePool(spec, workers=2) as pool:
         assert all(r.ok for r in pool.imap(items[:4]))
+
+
+def test_decoder_stderr_goes_to_the_failure_or_the_log_not_the_terminal(tmp_path, spec, capfd,
+                                                                         caplog):
+    """C libraries write to fd 2 (libtiff, libpng): that text must not print over the
+    progress bar; it is appended to the item's error, or logged for an image that decoded."""
+    import logging
+
+    ok = imagegen.make_image(tmp_path / "a__stderr__.png", "RGB", (20, 20))
+    bad = imagegen.make_image(tmp_path / "b__stderr____raise__.png", "RGB", (20, 20))
+    plain = imagegen.make_image(tmp_path / "c.png", "RGB", (20, 20))
+    items = [(0, "ok", str(ok)), (1, "bad", str(bad)), (2, "plain", str(plain))]
+    with caplog.at_level(logging.DEBUG, logger="clipfeat.decode"):
+        with DecodePool(spec, workers=1, decode_fn="imagegen:misbehaving_decode") as pool:
+            results = list(pool.imap(items))
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+    assert results[0].error is None and results[2].error is None
+    assert results[1].error == ("OSError: simulated broken file (TIFFReadDirectory: Warning, "
+                                "b__stderr____raise__.png: unknown field with tag 317)")
+    assert "a__stderr__.png: unknown field with tag 317" in caplog.text
+    assert "c.png" not in caplog.text.replace(str(plain), "")
