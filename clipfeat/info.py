@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from clipfeat.errors import ConfigError
-from clipfeat.modelref import resolve_model
+from clipfeat.modelref import PICKLE_RISK, pickle_weights, resolve_model
 from clipfeat.preprocess import size_mismatch
 from clipfeat.tower import check_feature, resolve_layer, tokens_per_image
 from clipfeat.units import human_bytes
@@ -45,6 +45,8 @@ def describe_model(
         "model_type": ref.model_type,
         "family": ref.family,
         "weights": ref.weights_file.name if ref.weights_file else None,
+        # Present but refused without --allow-pickle (not "absent": clipfeat info says how).
+        "pickle_weights": None if ref.weights_file else _pickle_name(ref.local_dir),
         "hidden_size": hidden,
         "num_hidden_layers": num_layers,
         "image_size": ref.image_size,
@@ -69,6 +71,9 @@ def describe_model(
                                  path=ref.local_dir / "preprocessor_config.json")
         if mismatch is not None:
             warnings.append(mismatch + " (clipfeat extract refuses it)")
+    if data["pickle_weights"]:
+        warnings.append(f"only pickle weights ({data['pickle_weights']}), refused by default: "
+                        f"{PICKLE_RISK}; or convert them to safetensors")
     if preprocessing["source"] != "preprocessor_config.json":
         warnings.append("no preprocessor_config.json: the image processor's defaults are used")
     data["warnings"] = warnings
@@ -101,7 +106,7 @@ def format_model(d: dict) -> str:
         ("model", d["model"]),
         ("folder", d["local_dir"] + (f" (revision {d['revision']})" if d["revision"] else "")),
         ("model type", f"{d['model_type']} ({_kind(d)})"),
-        ("weights", d["weights"] or "not present (configs only)"),
+        ("weights", _weights_row(d)),
         ("hidden size", str(d["hidden_size"])),
         ("blocks", f"{d['num_hidden_layers']} (valid --layer {lo}..{hi})"),
         ("image", image),
@@ -122,6 +127,19 @@ def format_model(d: dict) -> str:
     ]
     rows += [("warning", w) for w in d.get("warnings", [])]
     return _table(rows)
+
+
+def _pickle_name(folder: Path) -> str | None:
+    found = pickle_weights(folder)
+    return found.name if found else None
+
+
+def _weights_row(d: dict) -> str:
+    if d["weights"]:
+        return d["weights"]
+    if d.get("pickle_weights"):
+        return f"{d['pickle_weights']} only: pickle, refused without --allow-pickle (see warning)"
+    return "not present (configs only)"
 
 
 def _kind(d: dict) -> str:

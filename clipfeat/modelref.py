@@ -74,6 +74,10 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_FILE = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 
+#: Hub repos known to publish only pickle weights on ``main`` (for hints; each is looked up
+#: like any other repo).
+PICKLE_ONLY_MAIN = frozenset({"openai/clip-vit-large-patch14-336"})
+
 #: The Hugging Face bot whose safetensors conversion PRs are trusted, and its PR title.
 SFCONVERT_BOT = "SFconvertbot"
 SFCONVERT_TITLE = "Adding `safetensors` variant of this model"
@@ -218,8 +222,11 @@ def resolve_model(
             "like openai/clip-vit-large-patch14-336"
         )
     else:
-        local_dir, resolved_revision, weights_revision = _hub_files(
-            name, revision=revision, need_weights=need_weights, allow_pickle=allow_pickle)
+        from clipfeat.hub import quiet
+
+        with quiet():  # huggingface_hub's retries and warnings: the log, not the terminal
+            local_dir, resolved_revision, weights_revision = _hub_files(
+                name, revision=revision, need_weights=need_weights, allow_pickle=allow_pickle)
         from_hub = True
 
     raw = _read_json(local_dir / "config.json", name=name, required=True)
@@ -230,7 +237,7 @@ def resolve_model(
     vision_dict = _vision_dict(raw, model_type)
     preprocessor = _read_json(local_dir / "preprocessor_config.json", name=name, required=False)
     weights = _find_weights(local_dir, name=name, need_weights=need_weights,
-                            allow_pickle=allow_pickle, from_hub=from_hub)
+                            allow_pickle=allow_pickle, from_hub=from_hub, revision=revision)
     ref = ModelRef(
         name=name,
         local_dir=local_dir,
@@ -264,6 +271,18 @@ def _looks_like_path(name: str) -> bool:
     if os.altsep and os.altsep != "/" and os.altsep in name:
         return True
     return name.count("/") > 1
+
+
+def _local_parent(name: str) -> bool:
+    """True if ``name`` (owner/name shaped) starts with a folder that exists here, as a
+    mistyped path like ``runs/exx`` does (``runs/`` exists), and a hub name rarely does."""
+    parent = Path(name).expanduser().parent
+    return str(parent) not in ("", ".") and parent.is_dir()
+
+
+def _folder_note(name: str) -> str:
+    parent = Path(name).expanduser().parent
+    return f" ({parent}/ exists here but holds no {Path(name).name!r})"
 
 
 def _first_line(err: BaseException) -> str:
@@ -313,8 +332,32 @@ def _unsupported_message(name: str, model_type: Any, raw: dict) -> str:
     return msg
 
 
+def pickle_weights(local_dir: Path) -> Path | None:
+    """The pickle weights of a folder that has no safetensors ones (None otherwise)."""
+    if _has_safetensors(local_dir):
+        return None
+    for p in (local_dir / PICKLE_FILE, local_dir / PICKLE_INDEX):
+        if p.is_file():
+            return p
+    return None
+
+
+#: How to use pickle weights, and what it risks.
+PICKLE_RISK = ("--allow-pickle loads them, but unpickling can run arbitrary code: only for a "
+               "source you trust")
+
+
+def _fetch_hint(name: str) -> str:
+    """The command that fetches what clipfeat accepts (see `clipfeat.hub`)."""
+    if name in PICKLE_ONLY_MAIN:
+        return (f"python -m clipfeat.hub {name} (its main has only {PICKLE_FILE}: this fetches "
+                f"the configs and the safetensors conversion by {SFCONVERT_BOT}; or, with "
+                f"{PICKLE_FILE} in the cache, {PICKLE_RISK})")
+    return f"python -m clipfeat.hub {name} (its configs and safetensors weights only)"
+
+
 def _find_weights(local_dir: Path, *, name: str, need_weights: bool, allow_pickle: bool,
-                  from_hub: bool) -> Path | None:
+                  from_hub: bool, revision: str | None = None) -> Path | None:
     safetensors = local_dir / SAFETENSORS_FILE
     if safetensors.is_file():
         return safetensors
@@ -332,19 +375,35 @@ def _find_weights(local_dir: Path, *, name: str, need_weights: bool, allow_pickl
     if pickles:
         raise ModelError(
             f"model {name!r} has only pickle weights ({pickles[0].name}): pickle weights refused; "
-            "convert to safetensors or pass --allow-pickle if you trust the source"
+            f"convert them to safetensors, or {PICKLE_RISK}"
         )
     if from_hub:
-        raise ModelError(
-            f"model {name!r} has no safetensors weights in {local_dir} (the hub repo has none "
-            f"and no open safetensors conversion PR by {SFCONVERT_BOT} matches it, or the cache "
-            f"holds only its configs); download them (hf download {name}) or pass "
-            "--allow-pickle if it ships only pytorch_model.bin and you trust it"
-        )
+        raise ModelError(_no_hub_safetensors(name, local_dir, revision))
     raise ModelError(
         f"model folder {str(local_dir)!r} has no weights ({SAFETENSORS_FILE} or "
         f"{SAFETENSORS_INDEX}); pass a complete checkpoint folder"
     )
+
+
+def _no_hub_safetensors(name: str, local_dir: Path, revision: str | None) -> str:
+    """Why a hub model has no weights clipfeat accepts, and the ways to some."""
+    from huggingface_hub import constants
+
+    if revision not in (None, "main"):
+        return (f"model {name!r} has no safetensors weights at revision {revision!r}; pass a "
+                f"revision that has them, or for its {PICKLE_FILE} {PICKLE_RISK}")
+    if constants.HF_HUB_OFFLINE or _HUB_UNREACHED.get(name):
+        return (f"model {name!r}: the cache holds its configs ({local_dir}) but no safetensors "
+                "weights, and the hub cannot be reached (HF_HUB_OFFLINE=1 or no network); on a "
+                f"connected machine run {_fetch_hint(name)}; for a cached {PICKLE_FILE}, "
+                f"{PICKLE_RISK}")
+    return (f"model {name!r} has no safetensors weights on the hub (only {PICKLE_FILE}, and "
+            f"no open safetensors conversion PR by {SFCONVERT_BOT} matches it); "
+            f"{PICKLE_RISK}")
+
+
+#: Hub names whose conversion-PR lookup failed in this process (unreachable hub).
+_HUB_UNREACHED: dict[str, bool] = {}
 
 
 def _weight_files(weights: Path, *, name: str) -> list[Path]:
@@ -462,10 +521,12 @@ def _conversion_pr(name: str, main_dir: Path, *, main_revision: str) -> tuple[Pa
     """
     from huggingface_hub import constants
 
+    _HUB_UNREACHED.pop(name, None)
     if not constants.HF_HUB_OFFLINE:
         try:
             return _download_conversion_pr(name, main_revision)
         except Exception as err:  # hub unreachable, rate-limited, ...: try the cache
+            _HUB_UNREACHED[name] = True
             logger.warning("cannot look up the safetensors conversion PR of model %r on the "
                            "hub (%s); looking in the local cache", name, _first_line(err))
     return _cached_conversion_pr(name, main_dir)
@@ -556,6 +617,22 @@ def _cached_conversion_pr(name: str, main_dir: Path) -> tuple[Path, str] | None:
     return folder, f"refs/pr/{num}@{folder.name}"
 
 
+def _unreachable_errors() -> tuple[type[BaseException], ...]:
+    """What huggingface_hub raises when the hub cannot be reached: OfflineModeIsEnabled (a
+    ConnectionError), connection errors and timeouts of its HTTP library."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module in ("httpx2", "httpx", "requests"):
+        try:
+            lib = __import__(module)
+        except ImportError:
+            continue
+        for attr in ("TransportError", "ConnectionError", "Timeout"):
+            exc = getattr(lib, attr, None) or getattr(getattr(lib, "exceptions", None), attr, None)
+            if isinstance(exc, type) and issubclass(exc, BaseException):
+                errors.append(exc)
+    return tuple(errors)
+
+
 def _snapshot(name: str, *, revision: str | None, patterns: list[str]) -> Path:
     """Fetch (or find in the HF cache) the files of a hub repo; ModelError on any failure."""
     try:
@@ -588,15 +665,22 @@ def _snapshot(name: str, *, revision: str | None, patterns: list[str]) -> Path:
     except RevisionNotFoundError as err:
         raise ModelError(f"model {name!r} has no revision {revision!r} on the hub") from err
     except RepositoryNotFoundError as err:
+        if _local_parent(name):
+            raise ModelError(f"no such folder or hub model: {name}{_folder_note(name)}") from err
         raise ModelError(
             f"model {name!r} was not found on the Hugging Face hub (or it is private: "
             f"hf auth login); {hint}"
         ) from err
-    except LocalEntryNotFoundError as err:
+    except (LocalEntryNotFoundError, *_unreachable_errors()) as err:
+        if _local_parent(name):  # runs/exx: a mistyped folder, not a hub name
+            raise ModelError(
+                f"no such folder or cached model: {name}{_folder_note(name)}; pass an existing "
+                "checkpoint folder with --model"
+            ) from err
         raise ModelError(
-            f"model {name!r}{at} is not in the local Hugging Face cache and the hub cannot be "
-            "reached (HF_HUB_OFFLINE=1 or no network); download it on a connected machine "
-            f"(hf download {name}) {hint}"
+            f"no such folder or cached model: {name}{at} (not in the local Hugging Face cache, "
+            "and the hub cannot be reached: HF_HUB_OFFLINE=1 or no network); on a connected "
+            f"machine run {_fetch_hint(name)}, {hint}"
         ) from err
     except Exception as err:  # network/disk errors of any kind
         raise ModelError(f"cannot fetch model {name!r}{at} from the hub: {_first_line(err)}; "

@@ -308,7 +308,8 @@ def misbehaving_decode(path: str, spec: Any, aspect: str, exif_transpose: bool,
     ``__stateful__``: raises unless it is the first file this process decodes (like Pillow
     state left behind by a broken file: it must succeed when retried in a fresh process);
     ``__mark__``: leaves an empty file ``<path>.<pid>.<n>`` behind for each decode;
-    ``__hangonce__``: sleeps 30 s the first time (it leaves ``<path>.hung``), then decodes.
+    ``__hangonce__``: sleeps 30 s the first time (it leaves ``<path>.hung``), then decodes;
+    ``__stderr__``: writes a libtiff-like warning to fd 2 first (as C libraries do).
     """
     import signal
     import time
@@ -324,6 +325,8 @@ def misbehaving_decode(path: str, spec: Any, aspect: str, exif_transpose: bool,
         time.sleep(60)
     if "__exit__" in name:
         os._exit(3)
+    if "__stderr__" in name:
+        os.write(2, f"TIFFReadDirectory: Warning, {name}: unknown field with tag 317\n".encode())
     if "__hang__" in name:
         time.sleep(30)  # far beyond the tests' timeouts; ends by itself if a bug lets it
         return decode_file(path, spec, aspect, exif_transpose, max_pixels)

@@ -385,7 +385,7 @@ def test_workers_keep_decoding_while_the_parent_holds_the_gil(tmp_path, spec):
 
 def test_unguarded_script_gets_a_clear_error(tmp_path):
     """A script using the pool at its top level (no ``if __name__ == "__main__":``) makes
-    every worker re-run it; the error must say how to fix the script. Guarded, it works."""
+    every worker re-run it; the one line must say how to fix the script. Guarded, it works."""
     img = tmp_path / "a.png"
     Image.new("RGB", (40, 30), (10, 200, 30)).save(img)
     body = textwrap.dedent("""\
@@ -406,10 +406,11 @@ def test_unguarded_script_gets_a_clear_error(tmp_path):
 
     p = subprocess.run([sys.executable, str(bare), str(img)], capture_output=True, text=True,
                        timeout=300)
-    assert p.returncode != 0
-    last = p.stderr.strip().splitlines()[-1]
-    assert "decode workers fail to start" in last
-    assert "bare_script.py" in last and 'if __name__ == "__main__":' in last
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines() == [  # one line, before any worker is started
+        "clipfeat: error: bare_script.py line 10 runs DecodePool with decode workers at the "
+        "script's top level: put that call under `if __name__ == \"__main__\":` (each worker "
+        "re-imports bare_script.py), or pass workers=0 to decode in this process"]
 
     p = subprocess.run([sys.executable, str(guarded), str(img)], capture_output=True,
                        text=True, timeout=300)
@@ -448,3 +449,78 @@ def test_close_from_another_thread_while_the_pool_starts(tmp_path, spec):
     assert errors == []
     with DecodePool(spec, workers=2) as pool:
         assert all(r.ok for r in pool.imap(items[:4]))
+
+
+def test_decoder_stderr_goes_to_the_failure_or_the_log_not_the_terminal(tmp_path, spec, capfd,
+                                                                         caplog):
+    """C libraries write to fd 2 (libtiff, libpng): that text must not print over the
+    progress bar; it is appended to the item's error, or logged for an image that decoded."""
+    import logging
+
+    ok = imagegen.make_image(tmp_path / "a__stderr__.png", "RGB", (20, 20))
+    bad = imagegen.make_image(tmp_path / "b__stderr____raise__.png", "RGB", (20, 20))
+    plain = imagegen.make_image(tmp_path / "c.png", "RGB", (20, 20))
+    items = [(0, "ok", str(ok)), (1, "bad", str(bad)), (2, "plain", str(plain))]
+    with caplog.at_level(logging.DEBUG, logger="clipfeat.decode"):
+        with DecodePool(spec, workers=1, decode_fn="imagegen:misbehaving_decode") as pool:
+            results = list(pool.imap(items))
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+    assert results[0].error is None and results[2].error is None
+    assert results[1].error == ("OSError: simulated broken file (TIFFReadDirectory: Warning, "
+                                "b__stderr____raise__.png: unknown field with tag 317)")
+    assert "a__stderr__.png: unknown field with tag 317" in caplog.text
+    assert "c.png" not in caplog.text.replace(str(plain), "")
+
+
+@pytest.mark.parametrize("call", ["clipfeat.extract(roots=[{root!r}], out={out!r}, "
+                                  "model={model!r}, device='cpu', workers=2)",
+                                  "def main():\n    clipfeat.extract(roots=[{root!r}], "
+                                  "out={out!r}, model={model!r}, device='cpu')\nmain()"])
+def test_unguarded_script_gets_one_line_and_nothing_is_written(tmp_path, clip_vision_dir,
+                                                                call):
+    """A script calling extract at its top level without `if __name__ == "__main__":`: the
+    workers would re-import it and call extract again in their start-up (hundreds of lines
+    of multiprocessing tracebacks). It gets one line naming the script and the fix."""
+    root = tmp_path / "images"
+    imagegen.make_image(root / "a.png", "RGB", (20, 20))
+    out = tmp_path / "out"
+    script = tmp_path / "unguarded.py"
+    script.write_text("import clipfeat\n"
+                      + call.format(root=str(root), out=str(out), model=str(clip_vision_dir))
+                      + "\nprint('after')\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("clipfeat: error: unguarded.py line ")
+    assert 'put that call under `if __name__ == "__main__":`' in lines[0]
+    assert "workers=0" in lines[0]
+    assert not out.exists()
+
+
+def test_guard_detection():
+    from clipfeat.decode.workers import _guarded
+
+    src = textwrap.dedent("""\
+        import clipfeat
+        clipfeat.extract()
+        if __name__ == "__main__":
+            clipfeat.extract(
+                workers=2)
+        else:
+            clipfeat.extract()
+        if "__main__" == __name__:
+            clipfeat.extract()
+        """)
+    assert [n for n in range(1, 10) if _guarded(src, n)] == [4, 5, 9]
+
+
+def test_unguarded_error_is_a_config_error():
+    from clipfeat.decode.workers import UnguardedMain
+
+    err = UnguardedMain("x")
+    assert isinstance(err, ConfigError) and isinstance(err, SystemExit)
+    assert err.code == "clipfeat: error: x" and str(err) == "x"

@@ -297,3 +297,32 @@ def test_info_store_counts_in_singular(tmp_path):
     text = info.format_store(info.describe_store(str(tmp_path)))
     assert "(complete)" in text and "images     1 in 1 shard," in text, text
     assert "missing" not in text
+
+
+def test_pickle_only_weights_are_named_with_how_and_risk(tmp_path, clip_vision_dir):
+    """A pytorch_model.bin-only folder: not "not present", but pickle, --allow-pickle, risk."""
+    folder = tmp_path / "pickle"
+    folder.mkdir()
+    for name in ("config.json", "preprocessor_config.json"):
+        shutil.copy(clip_vision_dir / name, folder / name)
+    (folder / "pytorch_model.bin").write_bytes(b"pickle stand-in")
+    d = info.describe_model(str(folder))
+    assert d["weights"] is None and d["pickle_weights"] == "pytorch_model.bin"
+    result = runner.invoke(app, ["info", str(folder)])
+    assert result.exit_code == 0, result.output
+    text = result.output
+    assert "not present" not in text
+    assert "pytorch_model.bin only: pickle, refused without --allow-pickle" in text
+    assert "--allow-pickle loads them, but unpickling can run arbitrary code" in text
+    assert info.describe_model(str(clip_vision_dir))["pickle_weights"] is None
+
+
+def test_mistyped_local_path_with_a_slash(tmp_path, monkeypatch):
+    """runs/exx with runs/ here and the hub offline: a missing folder, not a hub repo."""
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["info", "runs/exx"])
+    assert result.exit_code == 2
+    line = result.output.strip().splitlines()
+    assert len(line) == 1 and "no such folder or cached model: runs/exx" in line[0]
+    assert "runs/ exists here" in line[0] and "hf download" not in line[0]

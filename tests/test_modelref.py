@@ -520,3 +520,87 @@ def test_tower_loads_conversion_pr_weights(pickle_repo, clip_vision_dir):
     got = dict(tower.vision_tower.named_parameters())[key]
     assert torch.equal(got, expected[key])
     assert not _pickle_downloaded(pickle_repo)
+
+
+def _hub_offline_error(kind: str) -> Exception:
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    return {"local": LocalEntryNotFoundError("cannot find the requested files in the cache"),
+            "offline": OfflineModeIsEnabled("offline mode is enabled"),
+            "connection": ConnectionError("[Errno 101] Network is unreachable")}[kind]
+
+
+@pytest.mark.parametrize("kind", ["local", "offline", "connection"])
+def test_default_model_offline_hint_and_no_raw_hub_lines(monkeypatch, capfd, kind):
+    """The default model, not cached, hub unreachable: one ModelError line leading to weights
+    clipfeat accepts; huggingface_hub's retry warnings, bars and warnings never print."""
+    import warnings
+
+    import huggingface_hub
+    from huggingface_hub.utils import logging as hf_logging
+    from huggingface_hub.utils import tqdm as hf_tqdm
+
+    def snapshot_download(repo_id, **kwargs):
+        hf_logging.get_logger("huggingface_hub.utils._http").warning(
+            "Retrying in 1s [Retry 1/5].")
+        warnings.warn("huggingface_hub chatter", UserWarning, stacklevel=1)
+        for _ in hf_tqdm(range(3), desc="Fetching 2 files"):
+            pass
+        raise _hub_offline_error(kind)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    name = "openai/clip-vit-large-patch14-336"
+    with pytest.raises(ModelError) as err:
+        resolve_model(name, need_weights=True)
+    out, errout = capfd.readouterr()
+    assert out == "" and errout == ""
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"no such folder or cached model: {name} ")
+    assert f"python -m clipfeat.hub {name}" in msg
+    assert "safetensors conversion by SFconvertbot" in msg
+    assert "--allow-pickle" in msg and "can run arbitrary code" in msg
+    assert "hf download" not in msg  # main's pytorch_model.bin: weights clipfeat refuses
+
+
+def test_offline_pickle_only_main_hint(pickle_repo, monkeypatch, capfd):
+    """Configs cached, no safetensors conversion cached, offline: say how to get one."""
+    from huggingface_hub import constants
+
+    pickle_repo.add_pr(3)
+    resolve_model(REPO)  # caches main's configs only
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelError) as err:
+        resolve_model(REPO, need_weights=True)
+    msg = str(err.value)
+    assert "hub cannot be reached" in msg and f"python -m clipfeat.hub {REPO}" in msg
+    assert "--allow-pickle loads them, but unpickling can run arbitrary code" in msg
+    assert capfd.readouterr() == ("", "")
+
+
+def test_hub_quiet_restores_logging():
+    from clipfeat.hub import quiet
+
+    hf = logging.getLogger("huggingface_hub")
+    before = (hf.handlers[:], hf.propagate, hf.level)
+    with quiet():
+        assert not hf.propagate
+    assert (hf.handlers, hf.propagate, hf.level) == before
+
+
+def test_hub_module_fetches_the_conversion(pickle_repo, capsys):
+    from clipfeat import hub
+
+    pickle_repo.add_pr(3)
+    assert hub.main([REPO]) == 0
+    out = capsys.readouterr().out
+    assert f"weights from refs/pr/3@{PR_SHA}" in out
+    assert hub.main(["./no/such/dir"]) == 2
+
+
+@pytest.mark.parametrize("name", ["runs/exx", "runs/exx/"])
+def test_mistyped_relative_path_is_a_missing_folder(tmp_path, monkeypatch, name):
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelError, match=r"no such (folder|model folder)"):
+        resolve_model(name)

@@ -241,7 +241,9 @@ class Dispatch:
             self.startup_failures = 0
             w.since = now if w.queue else None
             return
-        seq, array, error, retryable = msg
+        seq, array, error, retryable, said = msg
+        if said:  # a decoder's stderr for an image it decoded: the log, not the terminal
+            log.debug("decoder wrote to stderr for %s: %s", self.meta[seq][2], said)
         if not w.queue or w.queue[0] != seq:
             raise RuntimeError(f"decode worker answered item {seq}, expected {list(w.queue)[:1]}")
         if isinstance(array, str) and array == PIXELS:

@@ -26,7 +26,7 @@ from clipfeat.decode.worker import (
     resolve_decoder,
     worker_main,
 )
-from clipfeat.decode.workers import WorkerSet
+from clipfeat.decode.workers import WorkerSet, check_main_guard
 from clipfeat.errors import ConfigError
 from clipfeat.preprocess import ASPECTS, DEFAULT_MAX_PIXELS, PreprocessSpec
 
@@ -78,6 +78,8 @@ class DecodePool:
             max_pending = max(32, 8 * workers)
         if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
             raise ConfigError(f"max_pending must be an integer >= 1, got {max_pending!r}")
+        if workers:
+            check_main_guard("DecodePool")
         fn: DecodeFn | str = decode_file if decode_fn is None else decode_fn
         try:
             resolved = resolve_decoder(fn)

@@ -2,9 +2,10 @@
 
 A worker receives ``(seq, path, slot)`` messages, decodes the file exactly as LLaVA does
 (`decode_file`), writes the pixels into its slot of the shared memory (`slots`) and answers
-``(seq, PIXELS, None, False)``, or ``(seq, None, error, retryable)``. Workers never import
-torch, ignore SIGINT (the parent decides), dump no core, run niced, and exit on their own
-when the parent disappears (EOF on the pipe, ``PR_SET_PDEATHSIG``, and a watchdog).
+``(seq, PIXELS, None, False, stderr)``, or ``(seq, None, error, retryable, stderr)``, where
+``stderr`` is what the decoder wrote to fd 2 meanwhile (C libraries do; it never reaches the
+terminal, see `StderrCapture`). Workers never import torch, ignore SIGINT (the parent
+decides), dump no core, run niced, and exit on their own when the parent disappears (EOF on the pipe, ``PR_SET_PDEATHSIG``, and a watchdog).
 """
 
 from __future__ import annotations
@@ -182,17 +183,64 @@ def keep_heap() -> None:
 #: Marks a reply whose pixels are in the item's slot.
 PIXELS = "pixels"
 
+#: The most of a decoder's stderr kept per item (C libraries can be chatty).
+STDERR_LIMIT = 300
+
+
+class StderrCapture:
+    """The worker's fd 2, redirected into an anonymous file and read back after each item.
+
+    C libraries (libtiff's "WEBP compression support is not configured", libpng warnings)
+    write to fd 2 directly; in a worker that is the parent's terminal, where the text would
+    land over the progress bar. Here it is kept per item instead: appended to the item's
+    error, or sent to the parent's log for an item that decoded fine.
+    """
+
+    def __init__(self) -> None:
+        try:
+            fd = os.memfd_create("clipfeat-decode-stderr", getattr(os, "MFD_CLOEXEC", 0))
+        except (AttributeError, OSError):
+            import tempfile
+
+            fh = tempfile.TemporaryFile()
+            fd = os.dup(fh.fileno())
+            fh.close()
+        sys.stderr.flush()
+        os.dup2(fd, 2)
+        os.close(fd)
+
+    def take(self) -> str:
+        """What was written to fd 2 since the last call, as one line ('' if nothing)."""
+        try:
+            sys.stderr.flush()
+            if os.fstat(2).st_size == 0:
+                return ""
+            os.lseek(2, 0, os.SEEK_SET)
+            data = os.read(2, 64 * 1024)
+            os.ftruncate(2, 0)
+            os.lseek(2, 0, os.SEEK_SET)
+        except (OSError, ValueError):
+            return ""
+        return _one_line(data.decode("utf-8", "replace"), STDERR_LIMIT)
+
+
+def with_stderr(error: str, said: str) -> str:
+    """``error`` with what the decoder wrote to stderr, e.g. "cannot identify image file
+    (TIFFReadDirectory: ...)"."""
+    return f"{error} ({said})" if said else error
+
 
 def worker_main(conn: Any, main_pid: int, decode_fn: DecodeFn | str, spec: PreprocessSpec,
                  aspect: str, exif_transpose: bool, max_pixels: int | None,
                  slots: Slots) -> None:
     """Worker loop: receive (seq, path, slot); write the pixels into the slot and send
-    (seq, PIXELS, None, False), or send (seq, None, error, retryable)."""
+    (seq, PIXELS, None, False, stderr), or send (seq, None, error, retryable, stderr)."""
     import warnings
 
     import numpy as np
 
     harden_worker(main_pid)
+    stderr = StderrCapture()  # nothing a decoder writes to fd 2 reaches the terminal
     warnings.simplefilter("ignore")  # Pillow's chatter; decompression bombs are handled
     fn = resolve_decoder(decode_fn)
     shape = (3, spec.out_height, spec.out_width)
@@ -209,9 +257,11 @@ def worker_main(conn: Any, main_pid: int, decode_fn: DecodeFn | str, spec: Prepr
                     raise TypeError(f"decoder returned {getattr(arr, 'shape', type(arr))}, "
                                     f"expected uint8 {shape}")
             except Exception as exc:  # noqa: BLE001 - every failure becomes data
-                conn.send((seq, None, describe_error(exc), not is_final(exc)))
+                said = stderr.take()
+                conn.send((seq, None, with_stderr(describe_error(exc), said), not is_final(exc),
+                           ""))
                 continue
             np.copyto(slots.view(slot), arr)  # all written before the reply says so
-            conn.send((seq, PIXELS, None, False))
+            conn.send((seq, PIXELS, None, False, stderr.take()))
     except (EOFError, OSError):
         pass  # parent gone

@@ -7,6 +7,7 @@ started after it, nor with the shared memory already released.
 
 from __future__ import annotations
 
+import ast
 import logging
 import os
 import sys
@@ -14,6 +15,8 @@ import threading
 import time
 from collections import deque
 from typing import Any
+
+from clipfeat.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +28,92 @@ PRELOAD = [
     "PIL.JpegImagePlugin", "PIL.PngImagePlugin", "PIL.GifImagePlugin", "PIL.WebPImagePlugin",
     "PIL.TiffImagePlugin", "PIL.BmpImagePlugin",
 ]
+
+
+class UnguardedMain(ConfigError, SystemExit):
+    """The main script starts workers from its top level without a ``__main__`` guard.
+
+    A ConfigError (``except ConfigError`` catches it) that, left uncaught, ends the script
+    like ``sys.exit(message)``: one line on stderr, exit status 1, no traceback.
+    """
+
+    def __init__(self, message: str) -> None:
+        ConfigError.__init__(self, message)
+        self.code = f"clipfeat: error: {message}"
+
+
+def _reimports_main(main: Any) -> bool:
+    """True if spawn/forkserver workers run the main module again (as ``__mp_main__``), as
+    `multiprocessing.spawn` decides it: by module name for ``python -m pkg.mod`` (never for a
+    package's ``__main__``), else by path (never for IPython)."""
+    name = getattr(getattr(main, "__spec__", None), "name", None)
+    if name is not None:
+        return name != "__main__" and not name.endswith(".__main__")
+    path = getattr(main, "__file__", None)
+    return bool(path) and os.path.splitext(os.path.basename(path))[0] != "ipython"
+
+
+def _is_main_test(test: ast.expr) -> bool:
+    """``__name__ == "__main__"`` (either way round)."""
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1
+            and isinstance(test.ops[0], ast.Eq)):
+        return False
+    sides = [test.left, test.comparators[0]]
+    return (any(isinstance(x, ast.Name) and x.id == "__name__" for x in sides)
+            and any(isinstance(x, ast.Constant) and x.value == "__main__" for x in sides))
+
+
+def _guarded(source: str, line: int) -> bool:
+    """True if ``line`` of ``source`` is inside the body of an ``if __name__ == "__main__":``."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return True  # cannot tell: assume the script is fine
+    return any(isinstance(node, ast.If) and _is_main_test(node.test) and node.body
+               and node.body[0].lineno <= line <= (node.body[-1].end_lineno or line)
+               for node in ast.walk(tree))
+
+
+def unguarded_main_line() -> tuple[str, int] | None:
+    """(script, line) when the main script is running its top level, at a line outside an
+    ``if __name__ == "__main__":`` block, and worker processes would run that line again.
+
+    Workers re-import the main script (multiprocessing's spawn and forkserver do), so such a
+    call would start clipfeat again inside every worker's start-up: hundreds of lines of
+    tracebacks, and no worker ever ready.
+    """
+    main = sys.modules.get("__main__")
+    if main is None or not _reimports_main(main):
+        return None
+    top = None
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "<module>" and frame.f_globals is vars(main):
+            top = frame
+        frame = frame.f_back
+    if top is None:  # the top level has finished (a thread, a callback): nothing re-runs it
+        return None
+    try:
+        with open(top.f_code.co_filename, encoding="utf-8") as fh:
+            source = fh.read()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if _guarded(source, top.f_lineno):
+        return None
+    return top.f_code.co_filename, top.f_lineno
+
+
+def check_main_guard(what: str = "clipfeat") -> None:
+    """Raise `UnguardedMain` (before any worker starts) for an unguarded top-level call."""
+    found = unguarded_main_line()
+    if found is None:
+        return
+    script = os.path.basename(found[0])
+    raise UnguardedMain(
+        f"{script} line {found[1]} runs {what} with decode workers at the script's top level: "
+        f"put that call under `if __name__ == \"__main__\":` (each worker re-imports "
+        f"{script}), or pass workers=0 to decode in this process"
+    )
 
 
 def startup_hint() -> str:
@@ -39,8 +128,8 @@ def startup_hint() -> str:
     if script and getattr(getattr(main, "__spec__", None), "name", None) is None:
         return (f"if {os.path.basename(script)} calls clipfeat at its top level, put the call "
                 "under `if __name__ == \"__main__\":` (workers re-import the main script); "
-                "otherwise run with --workers 0 to see the error")
-    return "run with --workers 0 to see the error"
+                "otherwise run with --workers 0 (workers=0 in Python) to see the error")
+    return "run with --workers 0 (workers=0 in Python) to see the error"
 
 
 class WorkerProc:
@@ -62,8 +151,6 @@ class WorkerSet:
 
     def __init__(self, count: int, target: Any, args: tuple, start_method: str | None) -> None:
         import multiprocessing as mp
-
-        from clipfeat.errors import ConfigError
 
         method = start_method
         if method is None:

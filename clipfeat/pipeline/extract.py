@@ -76,6 +76,10 @@ def extract(
         config = ExtractConfig(**kwargs)
     elif kwargs:
         config = dataclasses.replace(config, **kwargs)
+    if config.workers != 0:  # an unguarded script: stop before its workers would run it again
+        from clipfeat.decode.workers import check_main_guard
+
+        check_main_guard("clipfeat.extract()")
     undo = signal_guard()
     try:
         return _extract(config, progress)
