@@ -502,7 +502,7 @@ def test_unguarded_script_gets_one_line_and_nothing_is_written(tmp_path, clip_vi
 
 
 def test_guard_detection():
-    from clipfeat.decode.workers import _guarded
+    from clipfeat.decode.workers import is_guarded
 
     src = textwrap.dedent("""\
         import clipfeat
@@ -515,7 +515,7 @@ def test_guard_detection():
         if "__main__" == __name__:
             clipfeat.extract()
         """)
-    assert [n for n in range(1, 10) if _guarded(src, n)] == [4, 5, 9]
+    assert [n for n in range(1, 10) if is_guarded(src, n)] == [4, 5, 9]
 
 
 def test_unguarded_error_is_a_config_error():

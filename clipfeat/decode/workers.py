@@ -63,7 +63,7 @@ def _is_main_test(test: ast.expr) -> bool:
             and any(isinstance(x, ast.Constant) and x.value == "__main__" for x in sides))
 
 
-def _guarded(source: str, line: int) -> bool:
+def is_guarded(source: str, line: int) -> bool:
     """True if ``line`` of ``source`` is inside the body of an ``if __name__ == "__main__":``."""
     try:
         tree = ast.parse(source)
@@ -98,7 +98,7 @@ def unguarded_main_line() -> tuple[str, int] | None:
             source = fh.read()
     except (OSError, UnicodeDecodeError):
         return None
-    if _guarded(source, top.f_lineno):
+    if is_guarded(source, top.f_lineno):
         return None
     return top.f_code.co_filename, top.f_lineno
 
