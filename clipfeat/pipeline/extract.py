@@ -131,7 +131,8 @@ def _extract(cfg: ExtractConfig, progress: Progress | None) -> Summary:
             if lock is not None:
                 lock.acquire()  # a new OUT: created here, under the lock
             _write_plan(out, plan, overwrite=cfg.overwrite or replace)
-            discard_damaged((checked or _check_finished(out, plan, cfg)).damaged)
+            checked = checked or _check_finished(out, plan, cfg)
+            discard_damaged(checked.damaged)
         dist.barrier()
         if not dist.is_main and not cfg.no_lock:
             from clipfeat.store.lock import check_same_job
@@ -140,7 +141,9 @@ def _extract(cfg: ExtractConfig, progress: Progress | None) -> Summary:
         if plan is None:
             plan = load_plan(out)
         summary = Summary(out=str(out), planned=len(plan.items), rank=dist.rank, world=dist.world)
-        feed, finished = _work(run, plan, dist, feed, summary, progress)
+        # rank 0 already read every finished shard (the damage check): no second scan
+        known = checked.trusted if dist.is_main and checked is not None else None
+        feed, finished = _work(run, plan, dist, feed, summary, progress, known)
         check_signal()
         dist.barrier()
         if dist.is_main:
@@ -162,11 +165,13 @@ def _extract(cfg: ExtractConfig, progress: Progress | None) -> Summary:
 
 
 def _work(run: Run, plan: Any, dist: Any, feed: DecodeFeed | None, summary: Summary,
-          progress: Progress | None) -> tuple[DecodeFeed | None, dict[int, Any]]:
+          progress: Progress | None, known: dict[int, Any] | None = None
+          ) -> tuple[DecodeFeed | None, dict[int, Any]]:
     """Step 4: this rank's unfinished chunks through the loop; returns the decode feed used
     and the shards that were finished before. The manifest lists the finished shards from
     the start, and again if the run stops."""
-    finished = _finished(run.cfg, run.out, announce=dist.is_main)
+    finished = (_finished(run.cfg, run.out, announce=dist.is_main) if known is None
+                else _retry_filter(run.cfg, known, announce=dist.is_main))
     todo_all = [c for c in plan.chunks if c.id not in finished]
     mine = [c for c in todo_all if dist.mine(c.id)]
     summary.skipped = sum(len(c) for c in plan.chunks if c.id in finished)
