@@ -253,11 +253,13 @@ def _split_exts(value: Optional[str]) -> Optional[tuple]:
 def extract(
     # str, not Path: Path("") is ".", so an empty --out (an unset shell variable) would
     # silently write into the current folder.
-    roots: List[str] = typer.Argument(None, metavar="ROOT", help="Image folders to walk (recursively); with --files-from, the one folder its paths are relative to.", show_default=False, rich_help_panel=INPUT),
+    roots: List[str] = typer.Argument(None, metavar="ROOT", help="Image folders to walk (recursively), webdataset .tar shards or .parquet files (a file, a folder of parquet files, or a quoted pattern such as 'shards/{000000..000099}.tar'); with --files-from, the one folder its paths are relative to.", show_default=False, rich_help_panel=INPUT),
     files_from: Optional[Path] = typer.Option(None, "--files-from", metavar="FILE", help="Text file of image paths, one per line, relative to ROOT (without ROOT: to the current folder) or absolute inside it.", rich_help_panel=INPUT),
     llava_json: Optional[Path] = typer.Option(None, "--llava-json", metavar="FILE", help="LLaVA training JSON/JSONL; keys are its 'image' strings.", rich_help_panel=INPUT),
     image_folder: Optional[Path] = typer.Option(None, "--image-folder", metavar="DIR", help="Folder the --llava-json image paths are relative to.", rich_help_panel=INPUT),
-    ext: Optional[str] = typer.Option(None, "--ext", metavar="LIST", show_default=",".join(DEFAULT_EXTS), help="Comma-separated extensions taken when walking folders.", rich_help_panel=INPUT),
+    ext: Optional[str] = typer.Option(None, "--ext", metavar="LIST", show_default=",".join(DEFAULT_EXTS), help="Comma-separated extensions taken when walking folders (and from tars).", rich_help_panel=INPUT),
+    image_column: Optional[str] = typer.Option(None, "--image-column", metavar="COL", show_default="the datasets Image column, or the one binary column", help="Parquet: the column of encoded images.", rich_help_panel=INPUT),
+    key_column: Optional[str] = typer.Option(None, "--key-column", metavar="COL", show_default="FILE_STEM/ROW", help="Parquet: the column of keys (strings or integers).", rich_help_panel=INPUT),
     limit: Optional[int] = typer.Option(None, "--limit", metavar="N", show_default="all", help="Only the first N inputs.", rich_help_panel=INPUT),
     exif_transpose: bool = typer.Option(False, "--exif-transpose", help="Apply EXIF orientation (LLaVA does not).", rich_help_panel=INPUT),
     max_pixels: int = typer.Option(_DEFAULTS.max_pixels, "--max-pixels", metavar="N", help="Refuse images with more pixels (decompression bombs).", rich_help_panel=INPUT),
@@ -283,13 +285,15 @@ def extract(
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Redo finished shards whose failures were timeouts, crashes or out-of-memory (not bad files).", rich_help_panel=BEHAVIOUR),
     no_lock: bool = typer.Option(False, "--no-lock", help="Do not lock OUT (file systems without locks; then never run two extracts into one OUT).", rich_help_panel=BEHAVIOUR),
 ) -> None:
-    """Extract features for every image under ROOT (or listed) into HDF5 shards in --out.
+    """Extract features for every image under ROOT (or listed, or in tar/parquet files) into HDF5 shards in --out.
 
     \b
     Examples:
       clipfeat extract /data/LLaVA-Pretrain/images --out feats/pretrain
       clipfeat extract --llava-json llava_v1_5_mix665k.json --image-folder /data --aspect pad --out feats/ft
       clipfeat extract --files-from list.txt /data/images --out feats/list
+      clipfeat extract 'shards/{000000..000099}.tar' --out feats/wds
+      clipfeat extract data/train-*.parquet --key-column id --out feats/hf
       torchrun --nproc-per-node 8 -m clipfeat extract /data/images --out /shared/feats
 
     Rerunning the same command resumes; finished shards are never redone.
@@ -316,6 +320,8 @@ def extract(
             image_folder=str(image_folder) if image_folder else None,
             limit=limit,
             exts=_split_exts(ext),
+            image_column=image_column,
+            key_column=key_column,
             exif_transpose=exif_transpose,
             max_pixels=max_pixels,
             decode_timeout=decode_timeout,

@@ -119,6 +119,8 @@ class ExtractConfig:
     image_folder: str | None = None
     limit: int | None = None
     exts: tuple[str, ...] | None = None
+    image_column: str | None = None  # parquet: the column of encoded images (None: found)
+    key_column: str | None = None  # parquet: the column of keys (None: FILE_STEM/ROW)
     exif_transpose: bool = False
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     decode_timeout: float = 60.0
@@ -214,9 +216,18 @@ class ExtractConfig:
         elif self.image_folder:
             raise ConfigError("--image-folder is only used with --llava-json")
         elif not self.roots and not self.files_from:
-            raise ConfigError("no input given: pass one or more image folders (ROOT...)")
+            raise ConfigError("no input given: pass one or more image folders, .tar or "
+                              ".parquet files (ROOT...)")
         if self.files_from and len(self.roots) > 1:
             raise ConfigError("--files-from takes at most one ROOT (paths are relative to it)")
+        for flag, value in (("--image-column", self.image_column),
+                            ("--key-column", self.key_column)):
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(f"{flag} {value!r} is not a column name: pass the name of "
+                                  "a column of the parquet files")
+            if value is not None and (self.llava_json or self.files_from):
+                raise ConfigError(f"{flag} is for parquet ROOTs, not --llava-json or "
+                                  "--files-from: drop it")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

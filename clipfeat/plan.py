@@ -5,6 +5,12 @@ item with its chunk id) and only ever extended: inputs found later are appended 
 chunks, so finished chunks and their shards never change. Every process (rank) derives the
 same chunks from the same file, which is what makes resume and scale-out need no
 coordinator.
+
+An item inside a tar or parquet file also records where it is: the header lists those
+files (``files``: path, kind, size, mtime_ns, image column) and the item names its file by
+index (``f``) with the tar member's offset and size (``o``, ``n``) or the parquet row group
+and row (``g``, ``r``). Such plans are version 2; plans of plain paths stay version 1, as
+earlier clipfeat wrote them, and both are read.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from clipfeat.store.layout import META_DIR, PLAN_FILE
 
 PLAN_FORMAT = "clipfeat-plan"
 PLAN_VERSION = 1
+#: The version of a plan whose items include tar members or parquet rows.
+PLAN_VERSION_MEMBERS = 2
 
 
 @dataclass(frozen=True)
@@ -31,6 +39,12 @@ class PlanItem:
     key: str
     path: str
     error: str | None = None
+    member: Any = None  # a TarMember or ParquetRow (clipfeat.sources); None for a path
+
+    @property
+    def source(self) -> Any:
+        """What to decode: the member, or the path."""
+        return self.path if self.member is None else self.member
 
 
 @dataclass(frozen=True)
@@ -57,6 +71,12 @@ class Plan:
 
     def chunk_items(self, chunk: Chunk) -> list[PlanItem]:
         return self.items[chunk.start : chunk.stop]
+
+    def source_files(self) -> list[Any]:
+        """The tar and parquet files its items are read from (`clipfeat.sources.SourceFile`)."""
+        from clipfeat.sources import files_of
+
+        return files_of([it.member for it in self.items])
 
     def info(self) -> dict[str, Any]:
         return {
@@ -92,18 +112,20 @@ def count_items(out: Path) -> int | None:
         return None
 
 
-def find_paths(out: Path, keys: set[str]) -> dict[str, str]:
-    """The planned path of each of ``keys`` found in OUT's plan (read until all are found)."""
-    found: dict[str, str] = {}
+def find_sources(out: Path, keys: set[str]) -> dict[str, Any]:
+    """What to decode for each of ``keys`` found in OUT's plan (its path, or its tar member
+    or parquet row), read until all are found."""
+    found: dict[str, Any] = {}
     with open(plan_path(out), encoding="utf-8", errors="surrogateescape") as fh:
-        fh.readline()  # header
+        files = _files(json.loads(fh.readline()))
         for line in fh:
             if not line.strip():
                 continue
             rec = json.loads(line)
             key = rec.get("k", rec.get("key"))  # hand-written plans may use long names
             if key in keys:
-                found[key] = rec.get("p", rec.get("path"))
+                member = _member(rec, files)
+                found[key] = rec.get("p", rec.get("path")) if member is None else member
                 if len(found) == len(keys):
                     break
     return found
@@ -135,14 +157,40 @@ def load_plan(out: Path) -> Plan | None:
             header = json.loads(fh.readline())
             if header.get("format") != PLAN_FORMAT:
                 raise StoreError(f"{path} is not a clipfeat plan")
+            if int(header.get("version", PLAN_VERSION)) > PLAN_VERSION_MEMBERS:
+                raise StoreError(f"{path} was written by a newer clipfeat (plan version "
+                                 f"{header['version']}): upgrade clipfeat, or rerun with "
+                                 "--overwrite to start over")
+            files = _files(header)
             for line in fh:
                 d = json.loads(line)
-                items.append(PlanItem(d["i"], d["c"], d["k"], d["p"], d.get("e")))
-    except (ValueError, KeyError) as err:
+                items.append(PlanItem(d["i"], d["c"], d["k"], d["p"], d.get("e"),
+                                      _member(d, files)))
+    except (ValueError, KeyError, IndexError, TypeError) as err:
         raise StoreError(
             f"the plan {path} is damaged ({err}); rerun with --overwrite to start over"
         ) from None
     return Plan(header, items, _cut(items))
+
+
+def _files(header: dict[str, Any]) -> list[Any]:
+    """The source files a plan's header lists (`clipfeat.sources.SourceFile`)."""
+    from clipfeat.sources import SourceFile
+
+    return [SourceFile(f["path"], f["kind"], int(f["size"]), int(f["mtime_ns"]),
+                       f.get("column")) for f in header.get("files", ())]
+
+
+def _member(d: dict[str, Any], files: list[Any]) -> Any:
+    """The tar member or parquet row of item line ``d`` (None for a plain path)."""
+    if "f" not in d:
+        return None
+    from clipfeat.sources import ParquetRow, TarMember
+
+    file = files[int(d["f"])]
+    if file.kind == "tar":
+        return TarMember(file, int(d["o"]), int(d["n"]))
+    return ParquetRow(file, int(d["g"]), int(d["r"]))
 
 
 def extend(
@@ -180,9 +228,8 @@ def extend(
     size = int(header["shard_size"])
     base = len(planned)
     for j, it in enumerate(new):
-        planned.append(
-            PlanItem(base + j, next_chunk + j // size, it.key, it.path, getattr(it, "error", None))
-        )
+        planned.append(PlanItem(base + j, next_chunk + j // size, it.key, it.path,
+                                getattr(it, "error", None), getattr(it, "member", None)))
     plan = Plan(header, planned, _cut(planned), appended=len(new))
     plan.dirty = existing is None or existing.dirty or bool(new)
     return plan
@@ -200,10 +247,15 @@ def _new_header(shard_size: int, sources: dict[str, Any], identity: dict[str, An
     }
 
 
+def _entry(it: Any) -> tuple[str, str, str | None, Any]:
+    return (it.key, it.path, getattr(it, "error", None), getattr(it, "member", None))
+
+
 def _finished_entries(cid: int, keys: Sequence[str], failures: Sequence[dict],
                       by_key: dict[str, Any], shard_size: int, problems: list[str]
-                      ) -> list[tuple[str, str, str | None]]:
-    """(key, path, error) of finished chunk ``cid``'s items, or [] with ``problems`` said."""
+                      ) -> list[tuple[str, str, str | None, Any]]:
+    """(key, path, error, member) of finished chunk ``cid``'s items, or [] with
+    ``problems`` said."""
     n = len(keys) + len(failures)
     if not 0 < n <= shard_size:
         problems.append(f"shard {cid} holds {n} inputs, not 1 to --shard-size {shard_size}")
@@ -212,11 +264,14 @@ def _finished_entries(cid: int, keys: Sequence[str], failures: Sequence[dict],
         problems.append(f"shard {cid} holds {len(lost)} keys the sources do not list "
                         f"(first {lost[0]!r})")
         return []
-    entries = [(k, by_key[k].path, getattr(by_key[k], "error", None)) for k in keys]
+    entries = [_entry(by_key[k]) for k in keys]
     for rec in failures:
         key = str(rec.get("key"))
         it = by_key.get(key)  # a failed input may be gone from the sources since
-        entries.append((key, it.path if it else str(rec.get("path")), None))
+        if it is None:
+            entries.append((key, str(rec.get("path")), None, None))
+        else:
+            entries.append((key, it.path, None, getattr(it, "member", None)))
     return entries
 
 
@@ -240,11 +295,11 @@ def rebuild(
     by_key = {it.key: it for it in items}
     order = {it.key: i for i, it in enumerate(items)}
     problems: list[str] = []
-    chunks: dict[int, list[tuple[str, str, str | None]]] = {}
+    chunks: dict[int, list[tuple[str, str, str | None, Any]]] = {}
     owner: dict[str, int] = {}
     for cid, (keys, failures) in sorted(finished.items()):
         entries = _finished_entries(cid, keys, failures, by_key, shard_size, problems)
-        for key, _, _ in entries:
+        for key, *_ in entries:
             if key in owner:
                 problems.append(f"key {key!r} is in shards {owner[key]} and {cid}")
             owner.setdefault(key, cid)
@@ -252,12 +307,12 @@ def rebuild(
     if problems:
         raise ValueError("; ".join(problems[:3]) + (
             f"; and {len(problems) - 3} more" if len(problems) > 3 else ""))
-    rest = [(it.key, it.path, getattr(it, "error", None)) for it in items if it.key not in owner]
+    rest = [_entry(it) for it in items if it.key not in owner]
     free = (cid for cid in itertools.count() if cid not in chunks)  # gaps first
     for start in range(0, len(rest), shard_size):
         chunks[next(free)] = rest[start:start + shard_size]
-    planned = [PlanItem(0, cid, key, path, error)
-               for cid in sorted(chunks) for key, path, error in chunks[cid]]
+    planned = [PlanItem(0, cid, key, path, error, member)
+               for cid in sorted(chunks) for key, path, error, member in chunks[cid]]
     planned = [dataclasses.replace(it, index=i) for i, it in enumerate(planned)]
     plan = Plan(_new_header(shard_size, sources, identity), planned, _cut(planned),
                 appended=len(rest))
@@ -271,9 +326,16 @@ def save(out: Path, plan: Plan) -> None:
         return
     from clipfeat.store import write_lines_atomically
 
+    files = plan.source_files()
+    index = {f: i for i, f in enumerate(files)}
+    header = dict(plan.header)
+    header.pop("files", None)
+    if files:  # a plan of plain paths stays as earlier clipfeat wrote it (version 1)
+        header["version"] = PLAN_VERSION_MEMBERS
+        header["files"] = [f._asdict() for f in files]
     write_lines_atomically(
         plan_path(out),
-        [_dumps(plan.header)] + [_dumps(_item_dict(it)) for it in plan.items],
+        [_dumps(header)] + [_dumps(_item_dict(it, index)) for it in plan.items],
     )
     plan.dirty = False
 
@@ -293,8 +355,15 @@ def freeze(
     return plan
 
 
-def _item_dict(it: PlanItem) -> dict[str, Any]:
+def _item_dict(it: PlanItem, files: dict[Any, int]) -> dict[str, Any]:
     d: dict[str, Any] = {"i": it.index, "c": it.chunk, "k": it.key, "p": it.path}
     if it.error:
         d["e"] = it.error
+    m = it.member
+    if m is not None:
+        d["f"] = files[m.file]
+        if hasattr(m, "offset"):
+            d.update(o=m.offset, n=m.size)
+        else:
+            d.update(g=m.row_group, r=m.row)
     return d

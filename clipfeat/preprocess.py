@@ -20,6 +20,7 @@ reference would allocate a huge intermediate image, are refused against ``max_pi
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import threading
@@ -48,6 +49,7 @@ __all__ = [
     "expand2square",
     "load_image",
     "normalization_table",
+    "open_regular",
     "to_uint8",
 ]
 
@@ -65,7 +67,7 @@ _SIZE_KEY_SETS = ({"shortest_edge"}, {"height", "width"})
 # Serialises the temporary change of Pillow's global pixel limit in load_image.
 _PIL_LIMIT_LOCK = threading.Lock()
 
-PathOrFile = Union[str, "os.PathLike[str]", BinaryIO]
+PathOrFile = Union[str, "os.PathLike[str]", BinaryIO, bytes, bytearray, memoryview]
 
 
 class ImageRejected(ValueError):
@@ -348,8 +350,11 @@ def _spec_from_config(cfg: dict[str, Any], family: str) -> PreprocessSpec:
 # Loading
 
 
-def _open_regular(path: str | os.PathLike[str]) -> BinaryIO:
-    """Open ``path`` for reading only if it is a regular file (FIFOs/devices are never opened)."""
+def open_regular(path: str | os.PathLike[str]) -> BinaryIO:
+    """Open ``path`` for reading only if it is a regular file (FIFOs/devices are never opened).
+
+    ImageRejected for anything else; FileNotFoundError etc. as ``os.stat`` raises them.
+    """
     try:
         st = os.stat(path)  # follows symlinks; FileNotFoundError for missing or dangling
     except ValueError as e:  # e.g. an embedded NUL byte
@@ -398,7 +403,9 @@ def load_image(
 ) -> Image.Image:
     """Open an image exactly as LLaVA does (``Image.open(p).convert('RGB')``, first frame).
 
-    Refuses non-regular files without opening them, and images over ``max_pixels`` (None: no
+    ``path`` is a path, an open binary file (left open) or the file's bytes: after opening,
+    all three take the same steps, so the same bytes give the same pixels. Refuses
+    non-regular files without opening them, and images over ``max_pixels`` (None: no
     limit) from the header alone, before any pixel is decoded; Pillow's
     ``DecompressionBombWarning`` counts as an error. ``exif_transpose`` applies the EXIF
     orientation first (LLaVA does not). No file handle outlives the call.
@@ -411,7 +418,12 @@ def load_image(
 
     if max_pixels is not None and (isinstance(max_pixels, bool) or max_pixels < 1):
         raise ConfigError(f"max_pixels must be a positive integer or None, got {max_pixels!r}")
-    fp = path if hasattr(path, "read") else _open_regular(path)  # type: ignore[arg-type]
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        fp: Any = io.BytesIO(path)
+    elif hasattr(path, "read"):
+        fp = path
+    else:
+        fp = open_regular(path)  # type: ignore[arg-type]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

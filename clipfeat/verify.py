@@ -447,13 +447,13 @@ def _sample(out: Path, report: VerifyReport, entries: list[dict], config: dict, 
             report.problems.append(f"{name}: cannot read sampled row {r} ({_first_line(err)})")
             continue
         chosen.append((key, name, stored))
-    from clipfeat.plan import find_paths, plan_path
+    from clipfeat.plan import find_sources, plan_path
 
     if not plan_path(out).is_file():
         report.problems.append(f"{META_DIR}/{PLAN_FILE}: missing, cannot find the images of "
                                "sampled rows")
         return
-    paths = find_paths(out, {k for k, _, _ in chosen})
+    paths = find_sources(out, {k for k, _, _ in chosen})
     items = []
     for key, name, _ in chosen:
         if paths.get(key) is None:
@@ -651,7 +651,7 @@ def verify_store(
 
 
 def compute_features(
-    items: list[tuple[str, str]],
+    items: list[tuple[str, Any]],
     meta: dict[str, Any],
     *,
     model: str,
@@ -659,7 +659,8 @@ def compute_features(
     allow_pickle: bool = False,
 ) -> dict[str, Any]:
     """Re-extract ``(key, path)`` items with the settings in ``meta`` (a store's config);
-    key -> float32 array, or the error text of an image that cannot be read.
+    key -> float32 array, or the error text of an image that cannot be read. A path may
+    also be a tar member or parquet row (`clipfeat.sources`), read where it lives.
 
     The tower comes from `clipfeat.tower.load_tower`, as in extract, at the revision the
     store records when ``model`` is the store's own model; CPU computes in float32.
@@ -668,6 +669,7 @@ def compute_features(
     import torch
 
     from clipfeat.preprocess import Normalizer, PreprocessSpec, load_image, to_uint8
+    from clipfeat.sources import opened
     from clipfeat.tower import load_tower
 
     dtype = str(meta.get("compute_dtype") or "float32")
@@ -685,7 +687,8 @@ def compute_features(
     out: dict[str, Any] = {}
     for key, path in items:
         try:
-            img = load_image(path, exif_transpose=bool(meta.get("exif_transpose", False)))
+            with opened(path) as src:
+                img = load_image(src, exif_transpose=bool(meta.get("exif_transpose", False)))
             arr = to_uint8(img, spec, meta.get("aspect", "square"))
         except Exception as err:  # noqa: BLE001 - per-item failures are data here
             out[key] = f"{type(err).__name__}: {err}"

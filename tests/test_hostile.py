@@ -416,7 +416,7 @@ def test_files_changed_between_walk_and_read(tmp_path, clip_full_dir, llava, mon
         (root / "to_link.png").unlink()
         os.symlink("/dev/zero", root / "to_link.png")
 
-    real_walk = sources.walk_folders
+    real_walk = sources.read_roots
     walked: list[int] = []
 
     def walk_then_change(*args: Any, **kwargs: Any) -> list:
@@ -425,7 +425,7 @@ def test_files_changed_between_walk_and_read(tmp_path, clip_full_dir, llava, mon
         change()
         return items
 
-    monkeypatch.setattr(sources, "walk_folders", walk_then_change)
+    monkeypatch.setattr(sources, "read_roots", walk_then_change)
     summary = run(root, out, clip_full_dir, workers=2, batch_size=4)
     assert walked == [8] and summary.planned == 8 and summary.complete
     rows, fails = read_out(out)

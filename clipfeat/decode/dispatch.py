@@ -184,7 +184,9 @@ class Dispatch:
                     index, key, path = item
                     seq = self.next_seq
                     self.next_seq += 1
-                    self.meta[seq] = (index, key, os.fspath(path))
+                    if isinstance(path, os.PathLike):  # (a tar member or parquet row: as it is)
+                        path = os.fspath(path)
+                    self.meta[seq] = (index, key, path)
                     self.attempts[seq] = 1
                     self.slot_of[seq] = slots.pop()
                     self.pending.append(seq)

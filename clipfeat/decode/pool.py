@@ -47,6 +47,8 @@ class DecodePool:
     ``max(32, 8 * workers)``; pass about twice the consumer's batch size); it is also the
     number of image slots of shared memory the workers decode into. ``decode_fn`` is a
     module-level function (or ``"module:function"``) with :func:`decode_file`'s signature.
+    An item's path may be a tar member or parquet row (`clipfeat.sources`), which
+    `decode_file` reads where it lives.
     """
 
     def __init__(
@@ -159,6 +161,10 @@ class DecodePool:
         with self._life:
             if self._pixels is not None:
                 self._pixels.close()
+        if self.workers == 0:  # decoding in this process may have left a parquet file open
+            from clipfeat.sources import release_readers
+
+            release_readers()
 
     def worker_pids(self) -> list[int]:
         """PIDs of the current worker processes (for diagnostics and tests)."""

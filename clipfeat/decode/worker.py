@@ -27,6 +27,7 @@ from clipfeat.preprocess import (
     load_image,
     to_uint8,
 )
+from clipfeat.sources import opened
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -43,8 +44,12 @@ def decode_file(
     exif_transpose: bool = False,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> np.ndarray:
-    """Decode one file exactly as LLaVA does and return uint8 (3, out_h, out_w)."""
-    img = load_image(path, exif_transpose=exif_transpose, max_pixels=max_pixels)
+    """Decode one file exactly as LLaVA does and return uint8 (3, out_h, out_w).
+
+    ``path`` may also be an image inside a tar or parquet file (`clipfeat.sources`): its
+    bytes are read where they are and decoded as the same file on disk would be."""
+    with opened(path) as src:
+        img = load_image(src, exif_transpose=exif_transpose, max_pixels=max_pixels)
     return to_uint8(img, spec, aspect, max_pixels=max_pixels)
 
 

@@ -295,16 +295,14 @@ def prepare(cfg: ExtractConfig) -> Prepared:
     The device, the compute dtype and the comparison with an existing OUT wait for `settle`
     (importing torch takes seconds, and decoding can start meanwhile).
     """
-    from clipfeat import distributed
+    from clipfeat import distributed, sources
     from clipfeat.modelref import resolve_model
     from clipfeat.preprocess import PreprocessSpec, check_spec_fits
     from clipfeat.tower import check_feature
 
     cfg.validate()
     out = Path(cfg.out).expanduser()
-    for r in cfg.roots:
-        if not Path(r).is_dir():
-            raise ConfigError(f"ROOT {r} is not an existing folder: check the path")
+    sources.check_roots(cfg.roots)
     _check_out(out)
 
     # Resolved once per run: the tower is built from this very ModelRef.
@@ -348,6 +346,7 @@ def _existing_plan(out: Path, cfg: ExtractConfig, items: list[Any], settings: Ru
     """OUT's plan; rebuilt (rank 0) from the finished shards and the sources when
     plan.jsonl is missing or damaged but shards are there; None when OUT has neither."""
     from clipfeat.plan import load_plan
+    from clipfeat.sources import check_unchanged
     from clipfeat.store import list_shard_files
 
     try:
@@ -356,6 +355,8 @@ def _existing_plan(out: Path, cfg: ExtractConfig, items: list[Any], settings: Ru
         if not main:
             return None  # rank 0 rebuilds it; read after the barrier
         return _rebuild_plan(out, cfg, items, settings, f"damaged ({err})")
+    if plan is not None:  # a tar or parquet file changed since: its planned items are lost
+        check_unchanged(plan.source_files(), out)
     if plan is not None or not main or not list_shard_files(out):
         return plan
     return _rebuild_plan(out, cfg, items, settings, "missing")
@@ -436,9 +437,10 @@ def _gather_items(cfg: ExtractConfig, out: Path, *, scan: bool = True
     elif cfg.files_from:
         items = sources.read_files_from(cfg.files_from, list(cfg.roots) or None,
                                         follow_outside=cfg.follow_outside)
-    else:
-        items = sources.walk_folders(list(cfg.roots), exts, exclude=[out],
-                                     follow_outside=cfg.follow_outside)
+    else:  # folders of images, tar and parquet files
+        items = sources.read_roots(list(cfg.roots), exts, exclude=[out],
+                                   follow_outside=cfg.follow_outside,
+                                   image_column=cfg.image_column, key_column=cfg.key_column)
     if cfg.limit is not None:
         items = items[: cfg.limit]
     return items, exts

@@ -99,7 +99,7 @@ class DecodeFeed:
             for c in chunks:
                 for it in plan.chunk_items(c):
                     if not it.error:
-                        yield (it.index, it.key, it.path)
+                        yield (it.index, it.key, it.source)
 
         self.feeder = Feeder(self.pool, tasks(), depth=depth)
         self.feeder.start()

@@ -107,7 +107,7 @@ class ChunkLoop:
             if res is END or res.index != it.index:
                 raise ExtractionError(f"internal error: decode results out of order at {it.key!r}")
             if res.error is not None:
-                self._failed(c.id, it, res.path, res.error)
+                self._failed(c.id, it, it.path, res.error)
                 continue
             self.batch.append((c.id, it.key, res.array))
             if len(self.batch) >= self.batch_size:

@@ -33,6 +33,9 @@ def source_record(cfg: Any, exts: tuple[str, ...]) -> dict[str, Any]:
     }
     if not cfg.follow_outside:  # absent by default: stores made before the flag still match
         record["follow_outside"] = False
+    for name in ("image_column", "key_column"):  # parquet; absent unless given, likewise
+        if getattr(cfg, name, None) is not None:
+            record[name] = getattr(cfg, name)
     return record
 
 
