@@ -403,7 +403,7 @@ def load_image(
 ) -> Image.Image:
     """Open an image exactly as LLaVA does (``Image.open(p).convert('RGB')``, first frame).
 
-    ``path`` is a path, an open binary file (left open) or the file's bytes: after opening,
+    ``path`` is a path, an open binary file or the file's bytes: after opening,
     all three take the same steps, so the same bytes give the same pixels. Refuses
     non-regular files without opening them, and images over ``max_pixels`` (None: no
     limit) from the header alone, before any pixel is decoded; Pillow's

@@ -7,6 +7,8 @@ Everything is deterministic (seeded) and small. Import from tests as ``import im
 * :func:`make_bomb_png` (valid header claiming huge dimensions), :func:`make_truncated`,
   :func:`make_fifo`.
 * :func:`make_hostile_tree` - a folder mixing all of the above, with the expected outcome.
+* :func:`make_tar`, :func:`tar_folder`, :func:`parquet_folder` - a folder's images packed
+  into tar shards or a parquet file (the datasets ``Image`` type), byte for byte.
 * :func:`misbehaving_decode` - a decode function for ``DecodePool(decode_fn=...)`` that
   crashes, hangs or fails on request (by file name), for crash-isolation tests.
 """
@@ -31,8 +33,11 @@ __all__ = [
     "make_hostile_tree",
     "make_image",
     "make_multipage_tiff",
+    "make_tar",
     "make_truncated",
     "misbehaving_decode",
+    "parquet_folder",
+    "tar_folder",
     "photo_array",
 ]
 
@@ -210,6 +215,69 @@ def make_truncated(
     Image.fromarray(photo_array(*size, seed=3)).save(buf, fmt)
     data = buf.getvalue()
     path.write_bytes(data[: max(1, int(len(data) * keep))])
+    return path
+
+
+def make_tar(path: str | os.PathLike[str], members: list[tuple[str, Any]]) -> Path:
+    """A tar file of ``members`` in order: (name, bytes) for a regular file, or (name,
+    ``tarfile.TarInfo``) for any other kind (its name is replaced by ``name``). Names are
+    stored exactly as given (``../x``, ``/abs`` too)."""
+    import tarfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        for name, what in members:
+            if isinstance(what, tarfile.TarInfo):
+                what.name = name
+                tf.addfile(what)
+                continue
+            info = tarfile.TarInfo(name)
+            info.size = len(what)
+            info.mtime = 1_700_000_000
+            tf.addfile(info, io.BytesIO(what))
+    return path
+
+
+def tar_folder(root: str | os.PathLike[str], pattern_dir: str | os.PathLike[str], shards: int,
+               *, extra: dict[str, bytes] | None = None) -> list[Path]:
+    """Every file under ``root`` (sorted by relative path) packed into ``shards`` tars
+    ``pattern_dir/000000.tar`` ..., as webdataset writers lay samples out; ``extra`` maps a
+    file name suffix (``.json``) to bytes added beside each file as ``KEY.suffix``."""
+    root = Path(root)
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    per = -(-len(files) // shards)
+    out = []
+    for i in range(shards):
+        members: list[tuple[str, Any]] = []
+        for rel in files[i * per:(i + 1) * per]:
+            members.append((rel, (root / rel).read_bytes()))
+            for suffix, data in (extra or {}).items():
+                members.append((rel.split(".", 1)[0] + suffix, data))
+        out.append(make_tar(Path(pattern_dir) / f"{i:06d}.tar", members))
+    return out
+
+
+def parquet_folder(root: str | os.PathLike[str], path: str | os.PathLike[str], *,
+                   row_group_size: int = 5) -> Path:
+    """Every file under ``root`` (sorted by relative path) as one parquet row: ``image``
+    a struct of ``bytes`` and ``path`` (the datasets ``Image`` type), ``name`` its relative
+    path, ``n`` its index."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = Path(root)
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table({
+        "image": pa.array([{"bytes": (root / f).read_bytes(), "path": f} for f in files],
+                          type=image),
+        "name": files,
+        "n": list(range(len(files))),
+    })
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, row_group_size=row_group_size)
     return path
 
 

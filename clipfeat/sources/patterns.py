@@ -2,10 +2,10 @@
 
 ``shards/{000000..000099}.tar`` names 100 files, ``data/train-*.parquet`` the files that
 match. Braces follow the `braceexpand` package that webdataset uses (and bash): lists
-``{a,b}``, integer ranges ``{1..9}`` with an optional step ``{0..10..2}``, descending ranges,
-letter ranges ``{a..e}``, nesting, ``\\`` escaping the next character. As in braceexpand, a
-range whose bound starts with ``0`` is zero-padded to the wider bound (``{07..10}`` ->
-``07 08 09 10``). Then each result with ``*``, ``?`` or ``[...]`` is a glob (``**`` spans
+``{a,b}``, integer ranges ``{1..9}`` with an optional step ``{0..10..2}``, descending and
+negative ranges, letter ranges ``{a..e}``, nesting, ``\\`` escaping the next character. A
+range whose bound has a leading zero is zero-padded to the wider bound (``{07..10}`` ->
+``07 08 09 10``; ``{0..10}`` is not padded). Then each result with ``*``, ``?`` or ``[...]`` is a glob (``**`` spans
 folders; names starting with a dot only match a pattern that starts with one); its matches
 are sorted. Local files only: nothing here fetches a URL.
 """
@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 from clipfeat.errors import ConfigError
 
-_INT_RANGE = re.compile(r"^(\d+)\.\.(\d+)(?:\.\.-?(\d+))?$")
+_INT_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.-?(\d+))?$")
 _CHAR_RANGE = re.compile(r"^([A-Za-z])\.\.([A-Za-z])(?:\.\.-?(\d+))?$")
 _LETTERS = string.ascii_uppercase + string.ascii_lowercase
 _GLOB_CHARS = re.compile(r"[*?[]")
@@ -122,10 +122,11 @@ def _range(inner: str) -> list[str] | None:
     m = _INT_RANGE.match(inner)
     if m:
         lo, hi, step = m.group(1), m.group(2), int(m.group(3) or 1) or 1
-        width = max(len(lo), len(hi)) if "0" in (lo[0], hi[0]) else 0
+        padded = any(b.startswith(("0", "-0")) for b in (lo, hi) if b not in ("0", "-0"))
+        width = max(len(lo), len(hi)) if padded else 0
         a, b = int(lo), int(hi)
         values = range(a, b + 1, step) if a <= b else range(a, b - 1, -step)
-        return [str(v).rjust(width, "0") for v in values]
+        return [f"{v:0{width}d}" for v in values]
     m = _CHAR_RANGE.match(inner)
     if m:
         step = int(m.group(3) or 1) or 1
