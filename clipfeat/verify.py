@@ -669,7 +669,7 @@ def compute_features(
     import torch
 
     from clipfeat.preprocess import Normalizer, PreprocessSpec, load_image, to_uint8
-    from clipfeat.sources import opened
+    from clipfeat.sources import opened, release_readers
     from clipfeat.tower import load_tower
 
     dtype = str(meta.get("compute_dtype") or "float32")
@@ -685,16 +685,20 @@ def compute_features(
     )
     norm = Normalizer(spec)
     out: dict[str, Any] = {}
-    for key, path in items:
-        try:
-            with opened(path) as src:
-                img = load_image(src, exif_transpose=bool(meta.get("exif_transpose", False)))
-            arr = to_uint8(img, spec, meta.get("aspect", "square"))
-        except Exception as err:  # noqa: BLE001 - per-item failures are data here
-            out[key] = f"{type(err).__name__}: {err}"
-            continue
-        with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(arr))[None].to(device)
-            feats = tower.forward_features(norm(x).to(tower.dtype))
-        out[key] = feats[0].float().cpu().numpy()
+    try:
+        for key, path in items:
+            try:
+                with opened(path) as src:
+                    img = load_image(src,
+                                     exif_transpose=bool(meta.get("exif_transpose", False)))
+                arr = to_uint8(img, spec, meta.get("aspect", "square"))
+            except Exception as err:  # noqa: BLE001 - per-item failures are data here
+                out[key] = f"{type(err).__name__}: {err}"
+                continue
+            with torch.inference_mode():
+                x = torch.from_numpy(np.ascontiguousarray(arr))[None].to(device)
+                feats = tower.forward_features(norm(x).to(tower.dtype))
+            out[key] = feats[0].float().cpu().numpy()
+    finally:
+        release_readers()  # the tar or parquet file read last stays open otherwise
     return out

@@ -260,6 +260,32 @@ def test_load_image_takes_bytes_and_open_files_as_the_path(photos):
         np.testing.assert_array_equal(turned, np.asarray(load_image(path, exif_transpose=True)))
 
 
+def test_a_tar_member_reads_as_its_file(photos, shards):
+    """What a decode worker opens: exactly the member's bytes, seekable, nothing around."""
+    from clipfeat.sources import opened, read_roots
+
+    items = read_roots([f"{shards}/*.tar"])
+    assert [it.path.split("::")[1] for it in items] == image_keys(photos)
+    for it in items:
+        want = (photos / it.path.split("::")[1]).read_bytes()
+        with opened(it.member) as fh:
+            assert fh.read() == want and fh.read() == b""
+            fh.seek(3)
+            assert fh.read(5) == want[3:8] and fh.tell() == 8
+            fh.seek(-4, os.SEEK_END)
+            assert fh.read(100) == want[-4:]
+            assert not hasattr(fh, "fileno") or _no_fileno(fh)
+
+
+def _no_fileno(fh: Any) -> bool:
+    """A member has no file descriptor of its own (libtiff must not read the tar)."""
+    try:
+        fh.fileno()
+    except OSError:
+        return True
+    return False
+
+
 def test_verify_samples_rows_from_the_tars(tmp_path, shards, clip_full_dir):
     out = tmp_path / "out"
     extract([f"{shards}/*.tar"], out, clip_full_dir)
@@ -321,6 +347,44 @@ def test_a_tar_changed_during_the_run_fails_its_items(tmp_path, shards, clip_ful
     errors = {f["error"] for f in read_failures(out)}
     assert errors == {"tar file changed since it was planned (modification time changed)"}
     assert all(f["path"].startswith(f"{src}/000000.tar::") for f in read_failures(out))
+
+
+def test_a_lost_plan_is_rebuilt_with_the_members(tmp_path, shards, clip_full_dir, caplog):
+    """plan.jsonl lost after some shards: rebuilt from the shards and the tars (with each
+    member's place), and the run completes as if nothing had happened."""
+    import logging
+
+    ref = tmp_path / "ref"
+    extract([f"{shards}/*.tar"], ref, clip_full_dir)
+    out = tmp_path / "out"
+    shutil.copytree(ref, out)
+    for name in shard_files(out)[1:]:
+        (out / name).unlink()
+    (out / ".clipfeat" / "plan.jsonl").unlink()
+    with caplog.at_level(logging.WARNING):
+        s = extract([f"{shards}/*.tar"], out, clip_full_dir)
+    assert s.complete and s.skipped == SHARD_SIZE
+    assert any("rebuilt" in r.getMessage() for r in caplog.records)
+    assert_same_store(out, ref, "plan rebuilt")
+
+
+def test_ranks_split_the_chunks_of_a_parquet_run(tmp_path, monkeypatch, table, clip_full_dir):
+    """Rank 0 plans and does its chunks, rank 1 its own from the frozen plan (it lists
+    nothing), then one process finds nothing left: the store of one process."""
+    from test_distributed import _as_rank
+
+    ref = tmp_path / "ref"
+    extract([str(table)], ref, clip_full_dir)
+    out = tmp_path / "out"
+    for rank in (0, 1):
+        with monkeypatch.context() as m:
+            _as_rank(m, rank)
+            res = runner().invoke(app, cli_args(str(table), out, clip_full_dir, "--workers",
+                                                "0"))
+        assert res.exit_code == 0, res.stderr
+    res = runner().invoke(app, cli_args(str(table), out, clip_full_dir))
+    assert res.exit_code == 0 and "nothing to do" in res.stderr, res.stderr
+    assert_same_store(out, ref, "rank 0, rank 1, one process")
 
 
 # --------------------------------------------------------------------------- keys, patterns

@@ -283,6 +283,8 @@ class RowReader:
         self._values = values
 
     def _open(self, file: SourceFile) -> Any:
+        if self._file == file and file.changed(os.fstat(self._fh.fileno())):
+            self.release()  # changed in place since opened: open() says how
         if self._file != file:
             self.release()
             pq = import_pyarrow()
@@ -308,5 +310,9 @@ READER = RowReader()
 
 
 def release_readers() -> None:
-    """Close the parquet file this process reads from and drop its cached row group."""
+    """Close the tar and parquet files this process keeps open, and drop its cached row
+    group."""
+    from clipfeat.sources.members import TAR_FILE
+
     READER.release()
+    TAR_FILE.release()

@@ -3,8 +3,8 @@
 The standard library's `tarfile` lists a tar (headers only: it seeks past each member's
 data) and gives each member's data offset and size; a decode worker then reads exactly
 that range with ``pread``. No new dependency, nothing extracted, no path made from a
-member name. (The `webdataset` package reads tars as a stream, front to back: it cannot
-fetch one member by offset, which resume and torchrun need.)
+member name. (The `webdataset` package's reader streams each tar front to back; resume and
+torchrun start at any chunk, so they need each member by its offset.)
 
 Keys are webdataset's ``__key__``: `sample_key`. The members taken are those webdataset
 yields (regular files, not its ``__...__`` metadata) whose name ends with a taken
@@ -24,7 +24,7 @@ from typing import BinaryIO, NamedTuple
 
 from clipfeat.errors import ConfigError
 from clipfeat.sources.common import Item, text_key
-from clipfeat.sources.members import TAR, SourceFile, display_path, source_file
+from clipfeat.sources.members import TAR, TAR_FILE, SourceFile, display_path, source_file
 
 logger = logging.getLogger(__name__)
 
@@ -67,19 +67,21 @@ class TarMember(NamedTuple):
     size: int
 
     def open(self) -> BinaryIO:
-        """The member's data as a read-only, seekable binary file (its own bytes only)."""
-        return io.BufferedReader(_Range(self.file.open(), self.offset, self.size))
+        """The member's data as a read-only, seekable binary file (its own bytes only),
+        read from the tar this process keeps open (`members.TAR_FILE`)."""
+        return io.BufferedReader(_Range(TAR_FILE.get(self.file).fileno(), self.offset,
+                                        self.size))
 
 
 class _Range(io.RawIOBase):
-    """``size`` bytes of an open file from ``start``, read with ``pread`` (the file's own
-    position is never used); reads stop where the range or the file ends. It has no
-    ``fileno``: a reader such as libtiff must not read the tar around it."""
+    """``size`` bytes of the open file ``fd`` from ``start``, read with ``pread`` (the
+    file's own position is never used, nor is it closed here); reads stop where the range
+    or the file ends. It has no ``fileno``: a reader such as libtiff must not read the tar
+    around it."""
 
-    def __init__(self, fh: BinaryIO, start: int, size: int) -> None:
+    def __init__(self, fd: int, start: int, size: int) -> None:
         super().__init__()
-        self._fh = fh
-        self._fd = fh.fileno()
+        self._fd = fd
         self._start = start
         self._size = size
         self._pos = 0
@@ -104,6 +106,13 @@ class _Range(io.RawIOBase):
         self._pos += got
         return got
 
+    def readall(self) -> bytes:
+        """The rest of the range in one ``pread`` (not in small pieces)."""
+        n = max(self._size - self._pos, 0)
+        data = os.pread(self._fd, n, self._start + self._pos) if n else b""
+        self._pos += len(data)
+        return data
+
     def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
         if base + pos < 0:
@@ -113,11 +122,6 @@ class _Range(io.RawIOBase):
 
     def tell(self) -> int:
         return self._pos
-
-    def close(self) -> None:
-        if not self.closed:
-            self._fh.close()
-        super().close()
 
 
 # -- listing -----------------------------------------------------------------------------
