@@ -266,7 +266,7 @@ class RowReader:
             pf = self._open(row.file)
             table = pf.read_row_group(row.row_group, columns=[row.file.column],
                                       use_threads=False)
-            values = table.column(0).combine_chunks()
+            values = table.column(0)  # a ChunkedArray: indexed as it is, not copied
         except Exception as err:  # noqa: BLE001 - every failure becomes the rows' error
             from clipfeat.preprocess import ImageRejected
 
