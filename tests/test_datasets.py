@@ -140,6 +140,18 @@ def test_tar_shards_give_the_folder_rows_under_webdataset_keys(tmp_path, photos,
     np.testing.assert_array_equal(store["c/two"].numpy(), folder_store["c/two.dots.png"])
 
 
+def test_large_members_read_as_asked_give_the_same_rows(tmp_path, monkeypatch, shards,
+                                                        folder_store, clip_full_dir):
+    from clipfeat.sources import tar
+
+    monkeypatch.setattr(tar, "WHOLE_READ_BYTES", 0)  # every member "large" (in-process)
+    out = tmp_path / "out"
+    extract([f"{shards}/*.tar"], out, clip_full_dir)
+    rows = read_rows(out)
+    for key, row in folder_store.items():
+        np.testing.assert_array_equal(rows[stem(key)], row, err_msg=key)
+
+
 def test_a_webdataset_loader_finds_every_image_by_its_key(tmp_path, shards, folder_store,
                                                           clip_full_dir):
     """The store's keys are webdataset's own ``__key__`` for each sample with an image."""
@@ -260,10 +272,14 @@ def test_load_image_takes_bytes_and_open_files_as_the_path(photos):
         np.testing.assert_array_equal(turned, np.asarray(load_image(path, exif_transpose=True)))
 
 
-def test_a_tar_member_reads_as_its_file(photos, shards):
-    """What a decode worker opens: exactly the member's bytes, seekable, nothing around."""
-    from clipfeat.sources import opened, read_roots
+@pytest.mark.parametrize("whole", [True, False], ids=["read-whole", "read-as-asked"])
+def test_a_tar_member_reads_as_its_file(photos, shards, monkeypatch, whole):
+    """What a decode worker opens: exactly the member's bytes, seekable, nothing around
+    (a member is read whole up to WHOLE_READ_BYTES, a larger one as the decoder asks)."""
+    from clipfeat.sources import opened, read_roots, tar
 
+    if not whole:
+        monkeypatch.setattr(tar, "WHOLE_READ_BYTES", 0)
     items = read_roots([f"{shards}/*.tar"])
     assert [it.path.split("::")[1] for it in items] == image_keys(photos)
     for it in items:

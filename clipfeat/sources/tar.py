@@ -39,6 +39,9 @@ _COMPRESSED = ((b"\x1f\x8b", "gzip", "gunzip"), (b"BZh", "bzip2", "bunzip2"),
                (b"\xfd7zXZ\x00", "xz", "unxz"), (b"\x28\xb5\x2f\xfd", "zstd", "unzstd"),
                (b"\x04\x22\x4d\x18", "lz4", "unlz4"))
 _BLOCK = tarfile.BLOCKSIZE
+#: A member up to this size is read whole, with one ``pread`` (the size of a photo is far
+#: less; a worker holds one at a time); a larger one is read as the decoder asks.
+WHOLE_READ_BYTES = 64 << 20
 
 _KINDS = {tarfile.SYMTYPE: "symlink", tarfile.LNKTYPE: "hard link", tarfile.CHRTYPE: "device",
           tarfile.BLKTYPE: "device", tarfile.FIFOTYPE: "fifo", tarfile.DIRTYPE: "directory"}
@@ -68,9 +71,12 @@ class TarMember(NamedTuple):
 
     def open(self) -> BinaryIO:
         """The member's data as a read-only, seekable binary file (its own bytes only),
-        read from the tar this process keeps open (`members.TAR_FILE`)."""
-        return io.BufferedReader(_Range(TAR_FILE.get(self.file).fileno(), self.offset,
-                                        self.size))
+        read from the tar this process keeps open (`members.TAR_FILE`): up to
+        `WHOLE_READ_BYTES` in one ``pread``, a larger member as it is read."""
+        fd = TAR_FILE.get(self.file).fileno()
+        if self.size <= WHOLE_READ_BYTES:  # (short where the tar is cut, as a cut file is)
+            return io.BytesIO(os.pread(fd, self.size, self.offset))
+        return io.BufferedReader(_Range(fd, self.offset, self.size))
 
 
 class _Range(io.RawIOBase):
