@@ -39,14 +39,13 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tarfile
 import tempfile
 import time
 from pathlib import Path
 
-from bench_extract import make_photos
+from bench_extract import make_photos, time_cmd
 
 from clipfeat.testing import tower_checkpoint
 
@@ -109,13 +108,8 @@ def run_extract(root: str, out: Path, ckpt: Path, args: argparse.Namespace,
     if args.workers is not None:
         cmd += ["--workers", str(args.workers)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout + proc.stderr)
-        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}")
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    wall, stdout = time_cmd(cmd, env)
+    summary = json.loads(stdout.strip().splitlines()[-1])
     shutil.rmtree(out, ignore_errors=True)
     loop = summary["stats"]["seconds"]["loop"]
     n = summary["extracted"]

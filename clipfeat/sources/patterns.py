@@ -62,16 +62,23 @@ def expand(pattern: str) -> list[str]:
 # -- brace expansion ---------------------------------------------------------------------
 
 
+def _chars(text: str) -> Iterator[tuple[int, str]]:
+    """(index, character) of each character of ``text`` that a backslash does not escape."""
+    i = 0
+    while i < len(text):
+        if text[i] == "\\":
+            i += 2
+            continue
+        yield i, text[i]
+        i += 1
+
+
 def _split_top(text: str) -> list[tuple[bool, str]]:
     """``text`` as (is_group, part) pieces: literal text and the insides of top-level
     ``{...}`` groups. ConfigError for unbalanced braces."""
     pieces: list[tuple[bool, str]] = []
-    depth, start, i = 0, 0, 0
-    while i < len(text):
-        c = text[i]
-        if c == "\\":
-            i += 2
-            continue
+    depth, start = 0, 0
+    for i, c in _chars(text):
         if c == "{":
             if depth == 0:
                 if i > start:
@@ -85,7 +92,6 @@ def _split_top(text: str) -> list[tuple[bool, str]]:
             if depth == 0:
                 pieces.append((True, text[start:i]))
                 start = i + 1
-        i += 1
     if depth != 0:
         raise ConfigError(f"ROOT pattern {text!r} has unbalanced braces: close each '{{' "
                           "with '}' (or escape it as '\\{')")
@@ -97,20 +103,13 @@ def _split_top(text: str) -> list[tuple[bool, str]]:
 def _alternatives(inner: str) -> list[str] | None:
     """The comma-separated alternatives of a group's inside, or None if it has no
     top-level comma (then it is a range, or literal text in braces)."""
-    parts, depth, start, i = [], 0, 0, 0
-    while i < len(inner):
-        c = inner[i]
-        if c == "\\":
-            i += 2
-            continue
-        if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
+    parts, depth, start = [], 0, 0
+    for i, c in _chars(inner):
+        if c in "{}":
+            depth += 1 if c == "{" else -1
         elif c == "," and depth == 0:
             parts.append(inner[start:i])
             start = i + 1
-        i += 1
     if not parts:
         return None
     parts.append(inner[start:])
