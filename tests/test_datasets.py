@@ -228,6 +228,33 @@ def test_a_folder_of_parquet_files_and_a_mix_with_tars(tmp_path, photos, shards,
         np.testing.assert_array_equal(rows[name], folder_store[name])
 
 
+def open_paths() -> set[str]:
+    """The files this process has open (Linux /proc)."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found.add(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            continue
+    return found
+
+
+def test_no_tar_or_parquet_file_stays_open_after_a_run(tmp_path, shards, table,
+                                                       clip_full_dir):
+    """Decoding in-process (workers=0) and verify keep a tar or parquet file open while
+    they read it, never after."""
+    def left() -> set[str]:
+        return {p for p in open_paths() if p.endswith((".tar", ".parquet"))}
+
+    extract([f"{shards}/*.tar", str(table)], tmp_path / "out", clip_full_dir,
+            key_column="name")
+    assert left() == set()
+    res = runner().invoke(app, ["verify", str(tmp_path / "out"), "--model",
+                                str(clip_full_dir), "--sample", "30"])
+    assert res.exit_code == 0, res.stdout
+    assert left() == set()
+
+
 def test_plans_of_folders_stay_version_1_and_sources_record_files(tmp_path, photos, shards,
                                                                    table, clip_full_dir):
     """A folder run writes the plan and store identity earlier clipfeat wrote (existing

@@ -161,10 +161,6 @@ class DecodePool:
         with self._life:
             if self._pixels is not None:
                 self._pixels.close()
-        if self.workers == 0:  # decoding in this process may have left a parquet file open
-            from clipfeat.sources import release_readers
-
-            release_readers()
 
     def worker_pids(self) -> list[int]:
         """PIDs of the current worker processes (for diagnostics and tests)."""
@@ -244,13 +240,18 @@ class DecodePool:
             active[0].release(slot, array)
 
     def _imap_inline(self, items: Iterable[tuple[int, str, str]]) -> Iterator[DecodeResult]:
+        from clipfeat.sources import release_readers
+
         fn = resolve_decoder(self._decode_fn)
-        for index, key, path in items:
-            try:
-                arr = fn(path, self.spec, self.aspect, self.exif_transpose, self.max_pixels)
-                err = None
-                self.stats.decoded += 1
-            except Exception as exc:  # noqa: BLE001 - every failure becomes data
-                arr, err = None, describe_error(exc)
-                self.stats.failed += 1
-            yield DecodeResult(index, key, path, arr, err)
+        try:
+            for index, key, path in items:
+                try:
+                    arr = fn(path, self.spec, self.aspect, self.exif_transpose, self.max_pixels)
+                    err = None
+                    self.stats.decoded += 1
+                except Exception as exc:  # noqa: BLE001 - every failure becomes data
+                    arr, err = None, describe_error(exc)
+                    self.stats.failed += 1
+                yield DecodeResult(index, key, path, arr, err)
+        finally:  # the tar or parquet file read last, by the thread that read it
+            release_readers()
