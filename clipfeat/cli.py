@@ -285,7 +285,7 @@ def extract(
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Redo finished shards whose failures were timeouts, crashes or out-of-memory (not bad files).", rich_help_panel=BEHAVIOUR),
     no_lock: bool = typer.Option(False, "--no-lock", help="Do not lock OUT (file systems without locks; then never run two extracts into one OUT).", rich_help_panel=BEHAVIOUR),
 ) -> None:
-    """Extract features for every image under ROOT (or listed, or in tar/parquet files) into HDF5 shards in --out.
+    """Extract features for every image of ROOT (folders, tar or parquet files) into HDF5 shards in --out.
 
     \b
     Examples:

@@ -184,8 +184,8 @@ class Dispatch:
                     index, key, path = item
                     seq = self.next_seq
                     self.next_seq += 1
-                    if isinstance(path, os.PathLike):  # (a tar member or parquet row: as it is)
-                        path = os.fspath(path)
+                    if isinstance(path, os.PathLike):  # a tar member or parquet row stays
+                        path = os.fspath(path)  # as it is; a Path becomes its str
                     self.meta[seq] = (index, key, path)
                     self.attempts[seq] = 1
                     self.slot_of[seq] = slots.pop()
