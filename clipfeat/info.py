@@ -89,6 +89,10 @@ def describe_model(
 
 def format_model(d: dict) -> str:
     """A readable, aligned table of `describe_model`'s facts."""
+    return _table(_model_rows(d))
+
+
+def _model_rows(d: dict) -> list[tuple[str, str]]:
     lo, hi = d["layer_range"]
     pp = d["preprocessing"]
     cls = "yes" if d["has_cls_token"] else "no"
@@ -126,7 +130,7 @@ def format_model(d: dict) -> str:
         ("preprocessing", pp["source"]),
     ]
     rows += [("warning", w) for w in d.get("warnings", [])]
-    return _table(rows)
+    return rows
 
 
 def _pickle_name(folder: Path) -> str | None:
@@ -248,3 +252,80 @@ def _fmt_value(value: Any) -> str:
 def _table(rows: list[tuple[str, str]]) -> str:
     width = max((len(k) for k, _ in rows), default=0)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+# --------------------------------------------------------------------------- several outputs
+
+
+def describe_run(
+    models: str | list[str],
+    *,
+    layers: Any = -2,
+    features: Any = "patch",
+    images: int | None = None,
+) -> dict:
+    """Every output a run of these towers would store (``--model/--layer/--feature`` as
+    `clipfeat extract` takes them): shapes, bytes per image and the total for ``images``,
+    each tower's facts as `describe_model` gives them (configs only, no weights)."""
+    from clipfeat.outputs import check_distinct, dataset_path, output_name, tower_requests
+
+    requests = tower_requests(models, layers=layers, features=features)
+    towers, outputs = [], []
+    for req in requests:
+        ref = resolve_model(req.model, revision=req.revision, need_weights=False)
+        num_layers = ref.num_hidden_layers
+        check_distinct(req.layers, num_layers, model=req.model)
+        deepest = max(sel.deepest(num_layers) for sel in req.layers)
+        tower = describe_model(req.model, layer=deepest, feature=req.feature)
+        for key in ("layer", "layer_index", "bytes_per_image"):
+            tower.pop(key)
+        tower["blocks_run"] = deepest
+        towers.append(tower)
+        for sel in req.layers:
+            tokens, hidden = tower["feature_shape"]
+            outputs.append({
+                "name": output_name(req.model, sel), "model": req.model, "layer": str(sel),
+                "hidden_states": list(sel.indices(num_layers)), "feature": req.feature,
+                "tokens": tokens, "hidden_size": hidden,
+                "bytes_per_image": tokens * hidden * STORE_BYTES_PER_VALUE,
+            })
+    for o in outputs:
+        o["dataset"] = dataset_path(o["name"], len(outputs))
+    per_image = sum(o["bytes_per_image"] for o in outputs)
+    data: dict[str, Any] = {"towers": towers, "outputs": outputs, "store_dtype": "float16",
+                            "bytes_per_image": per_image}
+    if images is not None:
+        if isinstance(images, bool) or not isinstance(images, int) or images < 0:
+            raise ConfigError(f"images {images!r} must be a non-negative integer")
+        data.update(images=images, total_bytes=images * per_image,
+                    total_human=human_bytes(images * per_image))
+    return data
+
+
+def format_run(d: dict) -> str:
+    """`describe_run` as text: each tower's table, then one line per output and the totals."""
+    parts = []
+    for t in d["towers"]:
+        rows = [(k, v) for k, v in _model_rows(
+            {**t, "layer": t["blocks_run"], "layer_index": t["blocks_run"], "bytes_per_image": 0})
+            if k not in ("layer", "per image")]
+        rows.append(("blocks run", f"{t['blocks_run']} of {t['num_hidden_layers']} "
+                                   "(the deepest layer asked)"))
+        parts.append(_table(rows))
+    rows = [(f"output {o['name']}",
+             f"hidden_states{_fmt_states(o['hidden_states'])}, {o['feature']}, "
+             f"{o['tokens']} x {o['hidden_size']} ({d['store_dtype']}), "
+             f"{human_bytes(o['bytes_per_image'])} per image, dataset {o['dataset']}")
+            for o in d["outputs"]]
+    rows.append(("per image", f"{human_bytes(d['bytes_per_image'])} ({d['bytes_per_image']} B) "
+                              f"in {len(d['outputs'])} outputs"))
+    if "images" in d:
+        rows.append((f"{d['images']} images", f"{d['total_human']} ({d['total_bytes']} B)"))
+    parts.append(_table(rows))
+    return "\n\n".join(parts)
+
+
+def _fmt_states(indices: list[int]) -> str:
+    if len(indices) == 1:
+        return f"[{indices[0]}]"
+    return f"[{indices[0]}:{indices[-1] + 1}] mean"
