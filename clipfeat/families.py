@@ -166,7 +166,7 @@ MODEL_TYPES: dict[str, ModelType] = {mt.name: mt for mt in (
               weights_prefix="dinov2.", since="4.32", config_defaults=_DINOV2_DEFAULTS),
     ModelType("dinov2_with_registers", "dinov2", "Dinov2WithRegistersModel",
               "Dinov2WithRegistersConfig", full=False, weights_prefix="dinov2_with_registers.",
-              registers=True, since="4.47",
+              registers=True, since="4.48",
               config_defaults=dict(_DINOV2_DEFAULTS, patch_size=16, num_register_tokens=4)),
 )}
 

@@ -175,7 +175,10 @@ def test_siglip2_fixed_resolution_checkpoint_loads_as_siglip(siglip2_dir, refere
 def test_siglip2_naflex_is_refused_with_the_reason(tmp_path, config_cls):
     import transformers
 
-    getattr(transformers, config_cls)().save_pretrained(tmp_path)
+    cls = getattr(transformers, config_cls, None)
+    if cls is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {config_cls} (4.49+)")
+    cls().save_pretrained(tmp_path)
     with pytest.raises(ModelError) as err:
         resolve_model(str(tmp_path))
     text = str(err.value)
@@ -223,6 +226,8 @@ def test_dinov2_parameter_count_matches_transformers(tmp_path, model_type, extra
                  patch_size=7)
     config = getattr(transformers, f"{model_type}Config")(**dict(sizes, **extra))
     model = getattr(transformers, f"{model_type}Model")(config)
+    if extra.get("use_mask_token") is False and model.embeddings.mask_token is not None:
+        pytest.skip(f"transformers {transformers.__version__} always builds the mask token")
     config.save_pretrained(tmp_path)
     ref = resolve_model(str(tmp_path))
     assert ref.vision_parameters == sum(p.numel() for p in model.parameters())
