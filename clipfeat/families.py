@@ -60,9 +60,10 @@ from typing import Any
 from clipfeat.config import FEATURES
 from clipfeat.errors import ConfigError, ModelError
 
-__all__ = ["FAMILIES", "MODEL_TYPES", "Family", "ModelType", "check_feature", "family",
-           "feature_tokens", "missing_processor_config", "model_class", "model_type",
-           "processor_class", "processor_defaults", "select_tokens", "unsupported_reason"]
+__all__ = ["FAMILIES", "MODEL_TYPES", "UNSUPPORTED", "Family", "ModelType", "check_feature",
+           "config_class", "family", "family_of_processor", "feature_tokens",
+           "missing_processor_config", "model_class", "model_type", "processor_class",
+           "processor_defaults", "select_tokens", "unsupported_reason"]
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -273,11 +274,6 @@ def check_feature(feature: Any, name: str) -> str:
             "use --feature patch (it keeps every token)"
         )
     return feature
-
-
-def prefix_tokens(name: str, num_registers: int = 0) -> int:
-    """Tokens before the patches in every hidden state: CLS (if any) and registers."""
-    return family(name).cls_tokens + num_registers
 
 
 def feature_tokens(name: str, num_patches: int, feature: str) -> int:

@@ -15,9 +15,12 @@ preprocessor_config.json and the weights together: it becomes ``ModelRef.local_d
 ``ModelRef.weights_revision`` says where the weights came from. Nothing is ever converted and
 no PR is ever opened.
 
-The geometry a run needs (hidden size, layers, image and patch size) is read from
+The geometry a run needs (hidden size, layers, image and patch size, registers) is read from
 ``config.json`` directly, so ``clipfeat info`` never imports torch or transformers; the
-transformers config object is built on first use of ``ModelRef.vision_config``.
+transformers config object is built on first use of ``ModelRef.vision_config``. What differs
+between families (which model types, their defaults, token layout) is `clipfeat.families`.
+``ModelRef.image_size`` is the size the tower is fed: config.json's ``image_size`` for CLIP
+and SigLIP, the processor's crop for DINOv2 (``config_image_size`` keeps config.json's).
 """
 
 from __future__ import annotations

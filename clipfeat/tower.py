@@ -99,14 +99,9 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _processor_class(family: str) -> Any:
-    """The family's PIL image processor class (`clipfeat.families.processor_class`)."""
-    return families.processor_class(family)
-
-
 def load_image_processor(ref: ModelRef) -> Any:
     """The checkpoint's own PIL image processor (class defaults sized to the model if absent)."""
-    cls = _processor_class(ref.family)
+    cls = families.processor_class(ref.family)
     if ref.preprocessor_config is None:
         size = ref.image_size
         logger.warning(
