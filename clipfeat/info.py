@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from clipfeat import families
 from clipfeat.errors import ConfigError
 from clipfeat.modelref import PICKLE_RISK, pickle_weights, resolve_model
 from clipfeat.preprocess import size_mismatch
@@ -15,11 +16,6 @@ STORE_BYTES_PER_VALUE = 2  # features are stored as float16 by default
 
 _RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box",
                    5: "hamming"}
-
-# The image processors' own defaults (transformers CLIPImageProcessor / SiglipImageProcessor),
-# used when a checkpoint has no preprocessor_config.json, as the tower does.
-_OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-_OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 def describe_model(
@@ -53,6 +49,7 @@ def describe_model(
         "patch_size": ref.patch_size,
         "num_patches": ref.num_patches,
         "has_cls_token": ref.has_cls_token,
+        "num_registers": ref.num_registers,
         "layer": layer,
         "layer_index": layer_index,
         "layer_range": [-(num_layers + 1), num_layers],
@@ -96,15 +93,18 @@ def _model_rows(d: dict) -> list[tuple[str, str]]:
     lo, hi = d["layer_range"]
     pp = d["preprocessing"]
     cls = "yes" if d["has_cls_token"] else "no"
+    registers = d.get("num_registers", 0)
     side = d["image_size"] // d["patch_size"]
+    dropped = " and registers" if registers else ""
     if d["feature"] == "patch" and d["has_cls_token"]:
-        tokens_note = "CLS dropped"
+        tokens_note = f"CLS{dropped} dropped"
     elif d["has_cls_token"]:
-        tokens_note = "CLS + patches"
+        tokens_note = "CLS + patches" + (", registers dropped" if registers else "")
     else:
         tokens_note = "all patches, no CLS token"
     image = (f"{d['image_size']} px, patch {d['patch_size']} -> {side}x{side} = "
-             f"{d['num_patches']} patches, CLS token: {cls}")
+             f"{d['num_patches']} patches, CLS token: {cls}"
+             + (f", {registers} registers" if registers else ""))
     tokens, hidden = d["feature_shape"]
     rows: list[tuple[str, str]] = [
         ("model", d["model"]),
@@ -147,9 +147,12 @@ def _weights_row(d: dict) -> str:
 
 
 def _kind(d: dict) -> str:
-    name = "CLIP" if d["family"] == "clip" else "SigLIP"
-    if d["model_type"] in ("clip", "siglip"):
+    name = families.family(d["family"]).title
+    info = families.model_type(d["model_type"])
+    if info is not None and info.full:
         return f"{name} text+vision checkpoint, vision half used"
+    if info is not None and info.registers:
+        return f"{name} vision tower with registers"
     return f"{name} vision tower"
 
 
@@ -179,32 +182,30 @@ def _preprocessing(cfg: dict | None, family: str, image_size: int) -> dict:
     source = "preprocessor_config.json"
     if cfg is None:
         source = "defaults (no preprocessor_config.json)"
-        if family == "clip":
-            cfg = {"size": {"shortest_edge": image_size},
-                   "crop_size": {"height": image_size, "width": image_size},
-                   "image_mean": _OPENAI_CLIP_MEAN, "image_std": _OPENAI_CLIP_STD}
-        else:
-            cfg = {"size": {"height": image_size, "width": image_size},
-                   "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
-    default_mean = _OPENAI_CLIP_MEAN if family == "clip" else [0.5, 0.5, 0.5]
-    default_std = _OPENAI_CLIP_STD if family == "clip" else [0.5, 0.5, 0.5]
+        cfg = families.missing_processor_config(family, image_size)
+    defaults = families.processor_defaults(family)
+
+    def get(key: str) -> Any:
+        value = cfg.get(key)
+        return defaults[key] if value is None else value
 
     resize = None
-    if cfg.get("do_resize", True):
-        resize = _size_dict(cfg.get("size"), shortest_edge=(family == "clip"))
+    if get("do_resize"):
+        # an int size: the family's kind (CLIP, DINOv2: shortest edge; SigLIP: square)
+        resize = _size_dict(get("size"), shortest_edge="shortest_edge" in defaults["size"])
     crop = None
-    if family == "clip" and cfg.get("do_center_crop", True):
-        crop = _size_dict(cfg.get("crop_size"), shortest_edge=False)
-    resample = cfg.get("resample", 3)
-    rescale = cfg.get("rescale_factor", 1 / 255) if cfg.get("do_rescale", True) else None
-    normalize = cfg.get("do_normalize", True)
+    if get("do_center_crop"):
+        crop = _size_dict(get("crop_size"), shortest_edge=False)
+    resample = get("resample")
+    rescale = get("rescale_factor") if get("do_rescale") else None
+    normalize = get("do_normalize")
     return {
         "resize": resize,
         "crop": crop,
         "resample": _RESAMPLE_NAMES.get(resample, str(resample)),
         "rescale_factor": rescale,
-        "mean": list(cfg.get("image_mean", default_mean)) if normalize else None,
-        "std": list(cfg.get("image_std", default_std)) if normalize else None,
+        "mean": list(get("image_mean")) if normalize else None,
+        "std": list(get("image_std")) if normalize else None,
         "source": source,
     }
 
