@@ -283,8 +283,8 @@ def _check_contents(f, name: str, sid: int | None, entry: dict | None, expected:
         own = {k: decode_attr(v) for k, v in ds.attrs.items()}
         listed = expected.output_entry(p)
         _check_layout(name, ds, dict(own, store_dtype=attrs.get("store_dtype")),
-                      dict(listed, store_dtype=expected.config.get("store_dtype")), problems, p)
-        _check_output_attrs(name, p, own, listed, problems)
+                      dict(listed, store_dtype=expected.config.get("store_dtype")), problems, p,
+                      "manifest.json outputs entry")
         settings.update({f"{p}:{k}": v for k, v in own.items()})
     _check_keys(name, kds, attrs, res, problems)
     _check_failure_records(f, name, entry, attrs, problems)
@@ -293,15 +293,6 @@ def _check_contents(f, name: str, sid: int | None, entry: dict | None, expected:
                     f" of {p}" if len(paths) > 1 else "")
         for p, ds in zip(paths, datasets, strict=True)])
     res.settings = settings
-
-
-def _check_output_attrs(name: str, path: str, own: dict, listed: dict,
-                        problems: list[str]) -> None:
-    """An output dataset's attributes against its entry in manifest.json's outputs."""
-    for k in sorted(set(own) & set(listed) - {"tokens", "hidden_size"}):
-        if not _same_setting(own[k], listed[k]):
-            problems.append(f"{name}: {path} attribute {k}={own[k]!r} differs from "
-                            f"manifest.json outputs ({listed[k]!r})")
 
 
 def _check_row_counts(name: str, sid: int | None, entry: dict | None, attrs: dict, n: int,
@@ -320,9 +311,9 @@ def _check_row_counts(name: str, sid: int | None, entry: dict | None, attrs: dic
 
 
 def _check_layout(name: str, ds, attrs: dict, config: dict, problems: list[str],
-                  label: str = "features") -> None:
+                  label: str = "features", listed_as: str = "manifest config") -> None:
     """Tokens, hidden size and dtype of the features dataset ``label`` against the
-    attributes and config that describe it."""
+    attributes and the manifest's record (``listed_as``) that describe it."""
     import numpy as np
 
     tokens, hidden = int(ds.shape[1]), int(ds.shape[2])
@@ -332,7 +323,7 @@ def _check_layout(name: str, ds, attrs: dict, config: dict, problems: list[str],
     for what, have, keys in (("tokens", tokens, ("tokens",)),
                              ("hidden size", hidden, ("hidden_size",)),
                              ("dtype", dtype_name, ("store_dtype",))):
-        for src_name, src in (("attribute", attrs), ("manifest config", config)):
+        for src_name, src in (("attribute", attrs), (listed_as, config)):
             for k in keys:
                 if k in src and src[k] is not None and src[k] != have:
                     problems.append(f"{name}: {dataset} have {what} {have} but the "
@@ -414,7 +405,10 @@ def _check_rows(name: str, ds, scan: int, problems: list[str], where: str = "") 
     return readable
 
 
-def _check_settings(results: list[_ShardResult], config: dict, problems: list[str]) -> None:
+def _check_settings(results: list[_ShardResult], expected: _Expected,
+                    problems: list[str]) -> None:
+    """Settings alike in every shard, and as manifest.json records them (its config, and
+    each output's entry; an output's attributes are the settings ``DATASET:NAME``)."""
     ref = next((r for r in results if r.settings is not None), None)
     if ref is None:
         return
@@ -428,10 +422,14 @@ def _check_settings(results: list[_ShardResult], config: dict, problems: list[st
             problems.append(f"{res.name}: attribute {k}={res.settings.get(k)!r} differs from "
                             f"{ref.name} ({ref.settings.get(k)!r})"
                             + (f" and {len(diff) - 1} more" if len(diff) > 1 else ""))
-    for k in sorted(set(ref.settings) & set(config)):
-        if not _same_setting(ref.settings[k], config[k]):
+    for k in sorted(ref.settings):
+        path, _, attr = k.rpartition(":")  # attribute names hold no ':', dataset paths may
+        listed = expected.output_entry(path) if path else expected.config
+        if attr in listed and attr not in (("tokens", "hidden_size") if path else ()) and (
+                not _same_setting(ref.settings[k], listed[attr])):
+            where = "its entry in manifest.json outputs" if path else "manifest.json config"
             problems.append(f"{ref.name}: attribute {k}={ref.settings[k]!r} differs from "
-                            f"manifest.json config ({config[k]!r})")
+                            f"{where} ({listed[attr]!r})")
 
 
 def _check_duplicates(out: Path, results: list[_ShardResult], problems: list[str]) -> None:
@@ -729,7 +727,7 @@ def verify_store(
         report.checked_shards += 1
         report.checked_rows += res.rows
     after_shards = len(problems)
-    _check_settings(results, config, problems)
+    _check_settings(results, expected, problems)
     _check_duplicates(out, results, problems)
     _check_failures_file(out, man, problems)
     _note_unfinished(out, man, complete, entries, expected, report)

@@ -173,65 +173,81 @@ class _Plan:
     dataset_attrs: tuple[dict[str, Any], ...]
 
 
+def _layouts(tokens: Any, hidden: Any, outputs: Any
+             ) -> tuple[tuple[OutputLayout, ...], list[str]]:
+    """The outputs a writer is asked for (``tokens``/``hidden``: one output), and the
+    problems with them."""
+    if outputs is None:
+        return (OutputLayout(FEATURES_DATASET, tokens, hidden),), [
+            f"{name}={val!r} must be an int >= 1"
+            for name, val in (("tokens", tokens), ("hidden", hidden)) if not _is_count(val)]
+    problems = []
+    if tokens is not None or hidden is not None:
+        problems.append("pass tokens= and hidden=, or outputs=, not both")
+    if isinstance(outputs, (str, bytes, Mapping)) or not isinstance(outputs, Sequence) \
+            or not outputs:
+        return (), problems + ["outputs must be a non-empty list of OutputLayout"]
+    for o in outputs:
+        if not isinstance(o, OutputLayout):
+            problems.append(f"outputs item {o!r} is not an OutputLayout")
+            continue
+        problems += [f"output {o.name!r}: {name}={val!r} must be an int >= 1"
+                     for name, val in (("tokens", o.tokens), ("hidden", o.hidden))
+                     if not _is_count(val)]
+        problems += _attrs_problems(o.attrs, f"output {o.name!r} attrs",
+                                    RESERVED_ATTRS + (OUTPUTS_ATTR,))
+    if not problems and len(outputs) > 1:
+        clash = check_names([o.name for o in outputs])
+        problems += [clash] if clash else []
+    return tuple(outputs), problems
+
+
 def _plan(tokens: Any, hidden: Any, outputs: Any, store_dtype: Any, attrs: Any
           ) -> tuple[_Plan | None, list[str]]:
     """The writer's `_Plan` from its arguments, or None and the problems with them."""
-    if outputs is None:
-        problems = [f"{name}={val!r} must be an int >= 1"
-                    for name, val in (("tokens", tokens), ("hidden", hidden))
-                    if not _is_count(val)]
-        layouts: tuple[OutputLayout, ...] = (OutputLayout(FEATURES_DATASET, tokens, hidden),)
-    else:
-        problems = []
-        if tokens is not None or hidden is not None:
-            problems.append("pass tokens= and hidden=, or outputs=, not both")
-        if isinstance(outputs, (str, bytes, Mapping)) or not isinstance(outputs, Sequence) \
-                or not outputs:
-            return None, problems + ["outputs must be a non-empty list of OutputLayout"]
-        layouts = tuple(outputs)
-        for o in layouts:
-            if not isinstance(o, OutputLayout):
-                problems.append(f"outputs item {o!r} is not an OutputLayout")
-                continue
-            problems += [f"output {o.name!r}: {name}={val!r} must be an int >= 1"
-                         for name, val in (("tokens", o.tokens), ("hidden", o.hidden))
-                         if not _is_count(val)]
-            problems += _attrs_problems(o.attrs, f"output {o.name!r} attrs",
-                                        RESERVED_ATTRS + (OUTPUTS_ATTR,))
-        if not problems and len(layouts) > 1:
-            clash = check_names([o.name for o in layouts])
-            problems += [clash] if clash else []
+    layouts, problems = _layouts(tokens, hidden, outputs)
     if store_dtype not in STORE_DTYPES:
         problems.append(f"store_dtype={store_dtype!r} must be one of {sorted(STORE_DTYPES)}")
-    several = len(layouts) > 1
-    problems += _attrs_problems(attrs, "attrs", RESERVED_ATTRS + (OUTPUTS_ATTR,) + (
-        OUTPUT_ATTRS if several else ()))
+    problems += _attrs_problems(attrs, "attrs", RESERVED_ATTRS + (OUTPUTS_ATTR,))
+    if len(layouts) > 1 and isinstance(attrs, Mapping):
+        own = [k for k in OUTPUT_ATTRS if k in attrs]
+        if own:
+            problems.append(f"attrs may not set {own} with several outputs: attrs are the "
+                            "run's, each output's own go in its OutputLayout.attrs")
     if problems:
-        if several and any("attrs may not set" in p and "'outputs'" not in p for p in problems):
-            problems.append("with several outputs, attrs are the run's: each output's own "
-                            "(model, layer, tokens, ...) go in its OutputLayout.attrs")
         return None, problems
-    if several:
-        root = {k: encode_attr(v) for k, v in attrs.items()}
-        root["store_dtype"] = store_dtype
-        root[OUTPUTS_ATTR] = json.dumps([o.name for o in layouts])
-        per = []
-        for o in layouts:
-            problems += _disagree(o.attrs, f"output {o.name!r} attrs",
-                                  (("tokens", o.tokens), ("hidden_size", o.hidden),
-                                   ("output", o.name), ("store_dtype", store_dtype)))
-            own = {k: encode_attr(v) for k, v in o.attrs.items()}
-            own.update(tokens=o.tokens, hidden_size=o.hidden, output=o.name)
-            per.append(own)
-        return (None if problems else _Plan(layouts, root, tuple(per))), problems
-    # One output: today's file, its attributes among the root's.
-    merged = dict(attrs)
-    for k, v in layouts[0].attrs.items():
-        if k in merged and merged[k] != v:
-            problems.append(f"attrs[{k!r}]={merged[k]!r} disagrees with output "
-                            f"{layouts[0].name!r} attrs ({v!r})")
-        merged[k] = v
+    plan = _several_plan if len(layouts) > 1 else _one_plan
+    return plan(layouts, store_dtype, attrs)
+
+
+def _several_plan(layouts: tuple[OutputLayout, ...], store_dtype: str, attrs: Mapping
+                  ) -> tuple[_Plan | None, list[str]]:
+    """Root attributes: the run's, ``store_dtype`` and the output names; each dataset's:
+    its output's, with ``tokens``, ``hidden_size`` and ``output`` (its name)."""
+    root = {k: encode_attr(v) for k, v in attrs.items()}
+    root["store_dtype"] = store_dtype
+    root[OUTPUTS_ATTR] = json.dumps([o.name for o in layouts])
+    problems: list[str] = []
+    per = []
+    for o in layouts:
+        problems += _disagree(o.attrs, f"output {o.name!r} attrs",
+                              (("tokens", o.tokens), ("hidden_size", o.hidden),
+                               ("output", o.name), ("store_dtype", store_dtype)))
+        own = {k: encode_attr(v) for k, v in o.attrs.items()}
+        own.update(tokens=o.tokens, hidden_size=o.hidden, output=o.name)
+        per.append(own)
+    return (None if problems else _Plan(layouts, root, tuple(per))), problems
+
+
+def _one_plan(layouts: tuple[OutputLayout, ...], store_dtype: str, attrs: Mapping
+              ) -> tuple[_Plan | None, list[str]]:
+    """Today's file: the run's then the output's attributes, with ``tokens``,
+    ``hidden_size`` and ``store_dtype``, all at the root."""
     one = layouts[0]
+    merged = dict(attrs)
+    problems = [f"attrs[{k!r}]={merged[k]!r} disagrees with output {one.name!r} attrs ({v!r})"
+                for k, v in one.attrs.items() if k in merged and merged[k] != v]
+    merged.update(one.attrs)
     problems += _disagree(merged, "attrs", (("tokens", one.tokens), ("hidden_size", one.hidden),
                                             ("store_dtype", store_dtype)))
     root = {k: encode_attr(v) for k, v in merged.items()}
@@ -242,10 +258,8 @@ def _plan(tokens: Any, hidden: Any, outputs: Any, store_dtype: Any, attrs: Any
 class _Rows:
     """One output's dataset in a shard being written, and where its rows lie."""
 
-    def __init__(self, layout: OutputLayout, path: str, ds: Any, row_bytes: int,
-                 label: str) -> None:
+    def __init__(self, layout: OutputLayout, ds: Any, row_bytes: int, label: str) -> None:
         self.layout = layout
-        self.path = path
         self.ds = ds
         self.space = RowSpace(ds, row_bytes)
         self.label = label  # "" for one output, " of output NAME" for several
@@ -347,10 +361,9 @@ class ShardWriter:
             self._raw = GuardedFile(self.partial_path)
             self._file = h5py.File(self._raw, "w", libver=LIBVER, userblock_size=USERBLOCK)
             for o in self.outputs:
-                path = dataset_path(o.name, n)
-                ds = create_rows_dataset(self._file, path, o.tokens, o.hidden,
-                                         STORE_DTYPES[self.store_dtype])
-                self._outs.append(_Rows(o, path, ds, o.tokens * o.hidden * itemsize,
+                ds = create_rows_dataset(self._file, dataset_path(o.name, n), o.tokens,
+                                         o.hidden, STORE_DTYPES[self.store_dtype])
+                self._outs.append(_Rows(o, ds, o.tokens * o.hidden * itemsize,
                                         f" of output {o.name!r}" if n > 1 else ""))
             self._hasher = BlockHasher()
         except OSError as err:
