@@ -937,6 +937,7 @@ def _two_layouts(**attrs_b):
     (dict(outputs=[OutputLayout("a", 1, 2), OutputLayout("a", 1, 2)]), "given twice"),
     (dict(outputs=[OutputLayout("a", 1, 2), OutputLayout("a/b", 1, 2)]), "HDF5 group"),
     (dict(outputs=[OutputLayout("a//b", 1, 2), OutputLayout("c", 1, 2)]), "empty"),
+    (dict(outputs=[OutputLayout("", TOKENS, HIDDEN)]), "non-empty str"),
     (dict(outputs=[OutputLayout("a", 0, 2), OutputLayout("c", 1, 2)]), "tokens=0"),
     (dict(outputs=[]), "non-empty"),
     (dict(outputs=[("a", 1, 2)]), "not an OutputLayout"),

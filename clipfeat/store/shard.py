@@ -196,7 +196,7 @@ def _layouts(tokens: Any, hidden: Any, outputs: Any
                      if not _is_count(val)]
         problems += _attrs_problems(o.attrs, f"output {o.name!r} attrs",
                                     RESERVED_ATTRS + (OUTPUTS_ATTR,))
-    if not problems and len(outputs) > 1:
+    if not problems:
         clash = check_names([o.name for o in outputs])
         problems += [clash] if clash else []
     return tuple(outputs), problems
