@@ -116,7 +116,9 @@ def test_adding_an_output_to_an_existing_out_is_refused(tmp_path, images, clip_f
     out = tmp_path / "out"
     root = str(images["a.jpg"].parent)
     clipfeat.extract(roots=[root], out=str(out), model=str(clip_full_dir), layer=-2, **KW)
-    with pytest.raises(ConfigError, match=r"outputs: \[.*'/-2'\] in OUT -> .*-1'\] now"):
+    name = tower_slug(str(clip_full_dir))
+    with pytest.raises(ConfigError, match=rf"outputs: \['{name}/-2'\] in OUT -> "
+                                          rf"\['{name}/-2', '{name}/-1'\] now"):
         clipfeat.extract(roots=[root], out=str(out), model=str(clip_full_dir), layer="-2,-1",
                          **KW)
 

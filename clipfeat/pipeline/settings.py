@@ -106,8 +106,7 @@ class OutputSettings:
         """The attributes of this output's dataset in a several-output shard."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "name"}
         d["layer_indices"] = list(self.layer_indices)
-        d["output"] = self.name
-        return d
+        return d  # ShardWriter adds ``output`` (the name)
 
     def manifest_entry(self, num_outputs: int) -> dict[str, Any]:
         """This output in manifest.json's ``outputs`` list."""
@@ -115,7 +114,6 @@ class OutputSettings:
 
         entry = {"name": self.name, "dataset": dataset_path(self.name, num_outputs)}
         entry.update(self.attrs())
-        del entry["output"]
         return entry
 
 
@@ -174,9 +172,8 @@ class RunSettings:
         if one is None:
             attrs.update(aspect=self.aspect, store_dtype=self.store_dtype,
                          exif_transpose=self.exif_transpose, versions=self.versions,
-                         compute_dtype=self.compute_dtype, device=self.device,
-                         outputs=[o.name for o in self.outputs])
-            return attrs
+                         compute_dtype=self.compute_dtype, device=self.device)
+            return attrs  # ShardWriter adds ``outputs`` (the names), each output's on its dataset
         o = one
         attrs.update(
             model=o.model, model_revision=o.model_revision,
