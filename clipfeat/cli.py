@@ -287,10 +287,10 @@ def extract(
     exif_transpose: bool = typer.Option(False, "--exif-transpose", help="Apply EXIF orientation (LLaVA does not).", rich_help_panel=INPUT),
     max_pixels: int = typer.Option(_DEFAULTS.max_pixels, "--max-pixels", metavar="N", help="Refuse images with more pixels (decompression bombs).", rich_help_panel=INPUT),
     no_follow_outside: bool = typer.Option(False, "--no-follow-outside", help="Do not follow symlinks that lead out of ROOT / --image-folder (recorded as failures).", rich_help_panel=INPUT),
-    model: Optional[List[str]] = typer.Option(None, "--model", metavar="NAME|DIR", show_default=_DEFAULTS.model, help="Hub name or local checkpoint folder (CLIP, SigLIP, DINOv2); repeat for several towers in one pass.", rich_help_panel=MODEL),
-    revision: Optional[List[str]] = typer.Option(None, "--revision", metavar="REV", help="Hub revision (branch, tag or commit); MODEL=REV for one of several towers.", rich_help_panel=MODEL),
-    layer: Optional[List[str]] = typer.Option(None, "--layer", metavar="N[,N...]", show_default=str(_DEFAULTS.layer), help="Hidden layer(s) (LLaVA's mm_vision_select_layer; negative counts from the end), or mean(A:B) of hidden_states[A:B]; MODEL=LAYERS for one of several towers.", rich_help_panel=MODEL),
-    feature: Optional[List[str]] = typer.Option(None, "--feature", metavar="patch|cls_patch", show_default=_DEFAULTS.feature, help="patch (drop CLS and registers) or cls_patch (keep CLS); MODEL=FEATURE for one of several towers.", rich_help_panel=MODEL),
+    model: Optional[List[str]] = typer.Option(None, "--model", metavar="NAME|DIR", show_default=_DEFAULTS.model, help="Hub name or local folder (CLIP, SigLIP, DINOv2); repeat for several towers.", rich_help_panel=MODEL),
+    revision: Optional[List[str]] = typer.Option(None, "--revision", metavar="REV", help="Hub revision (branch, tag or commit); MODEL=REV for one tower.", rich_help_panel=MODEL),
+    layer: Optional[List[str]] = typer.Option(None, "--layer", metavar="N[,N...]", show_default=str(_DEFAULTS.layer), help="Hidden layer(s) (LLaVA's mm_vision_select_layer), or mean(A:B); MODEL=LAYERS for one tower.", rich_help_panel=MODEL),
+    feature: Optional[List[str]] = typer.Option(None, "--feature", metavar="patch|cls_patch", show_default=_DEFAULTS.feature, help="patch (drop CLS, registers) or cls_patch (keep CLS); MODEL=FEATURE for one tower.", rich_help_panel=MODEL),
     aspect: str = typer.Option(_DEFAULTS.aspect, "--aspect", metavar="square|pad", help="square (resize+crop) or pad (LLaVA-1.5 expand2square).", rich_help_panel=MODEL),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights; only for trusted checkpoints.", rich_help_panel=MODEL),
     out: str = typer.Option(..., "--out", "-o", metavar="DIR", help="Output folder for shards, manifest and failures.", rich_help_panel=OUTPUT),
@@ -397,7 +397,7 @@ def extract(
 @app.command(cls=_Command)
 def verify(
     out: str = typer.Argument(..., metavar="OUT", help="An output folder written by clipfeat extract."),
-    model: Optional[str] = typer.Option(None, "--model", metavar="NAME|DIR", help="Also re-extract --sample rows with this model and compare.", rich_help_panel=MODEL),
+    model: Optional[List[str]] = typer.Option(None, "--model", metavar="NAME|DIR", help="Also re-extract --sample rows with this model and compare (repeat for each tower of a several-tower store).", rich_help_panel=MODEL),
     sample: Optional[int] = typer.Option(None, "--sample", min=0, metavar="N", show_default=f"{DEFAULT_VERIFY_SAMPLE} with --model", help="Rows to re-extract (needs --model).", rich_help_panel=MODEL),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights for the re-extraction; only for trusted checkpoints.", rich_help_panel=MODEL),
     device: str = typer.Option("cpu", "--device", metavar="DEVICE", help="Device for the re-extraction.", rich_help_panel=PERFORMANCE),

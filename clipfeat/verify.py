@@ -21,7 +21,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from clipfeat.errors import ClipfeatError, ConfigError, StoreError
 from clipfeat.outputs import FEATURES_DATASET, tower_slug
@@ -623,22 +623,31 @@ def _check_manifest_listing(man: dict, on_disk: dict[int, Path], complete: bool,
     return stray
 
 
-def _sampled_outputs(expected: _Expected, model: str, report: VerifyReport
-                     ) -> list[tuple[dict, dict]]:
-    """(manifest entry, settings) of each output ``--model`` re-extracts: the one output;
-    of several, those of that tower (by its name: `tower_slug`), else every one."""
+def _sampled_outputs(expected: _Expected, models: Sequence[str], report: VerifyReport
+                     ) -> list[tuple[dict, dict, str]]:
+    """(manifest entry, settings, model) of each output the ``--model`` values re-extract.
+    A store of one tower: every output, with the one ``--model`` (another tower shows as a
+    mismatch). Several towers: each output with the ``--model`` of the same name
+    (`tower_slug`); the outputs of a tower no ``--model`` names are noted, not sampled."""
     outputs = expected.outputs or [config_output(expected.config)]
-    if len(outputs) == 1:
-        return [(outputs[0], expected.config)]
-    metas = [(o, {**expected.config, **entry_attrs(o)}) for o in outputs]
-    mine = [(o, m) for o, m in metas if tower_slug(str(m.get("model"))) == tower_slug(model)]
+    metas = [(o, {**expected.config, **entry_attrs(o)}) if len(outputs) > 1
+             else (o, expected.config) for o in outputs]
+    towers = list(dict.fromkeys(str(m.get("model")) for _, m in metas))
+    if len(towers) == 1 and len(models) == 1:
+        return [(o, m, models[0]) for o, m in metas]
+    by_slug = {tower_slug(m): m for m in models}
     picked = []
-    for o, m in mine or metas:
-        if isinstance(m.get("layer"), int) and not isinstance(m.get("layer"), bool):
-            picked.append((o, m))
-        else:  # the lead's re-extraction of mean layers is not here yet
-            report.notes.append(f"output {o['name']}: layer {m.get('layer')} is not "
-                                "re-extracted by --model yet; skipped")
+    for o, m in metas:
+        model = by_slug.get(tower_slug(str(m.get("model"))))
+        if model is None:
+            report.notes.append(f"output {o['name']}: not re-extracted (no --model names its "
+                                f"tower {m.get('model')})")
+        else:
+            picked.append((o, m, model))
+    unused = [m for m in models if m not in {p[2] for p in picked}]
+    for m in unused:
+        report.notes.append(f"--model {m} names no tower of the store (towers: "
+                            f"{', '.join(towers)}); not used")
     return picked
 
 
@@ -678,7 +687,7 @@ def _note_unfinished(out: Path, man: dict | None, complete: bool, entries: list[
 def verify_store(
     out_dir: str | os.PathLike,
     *,
-    model: str | None = None,
+    model: str | Sequence[str] | None = None,
     sample: int = 0,
     device: str = "cpu",
     seed: int = 0,
@@ -735,10 +744,11 @@ def verify_store(
     if model and sample > 0:
         if man is None:
             problems.append("cannot sample rows without a readable manifest.json")
-        for output, meta in (_sampled_outputs(expected, model, report) if man else []):
+        models = [model] if isinstance(model, str) else list(model)
+        for output, meta, one in (_sampled_outputs(expected, models, report) if man else []):
             _sample(out, report, [e for e in entries if e["file"] in
                                   {r.name for r in results if r.readable}],
-                    meta, output=output, model=model, sample=sample, device=device,
+                    meta, output=output, model=one, sample=sample, device=device,
                     seed=seed, allow_pickle=allow_pickle)
     elif sample > 0:
         report.notes.append("--sample needs --model to re-extract rows; skipped")
@@ -767,6 +777,7 @@ def compute_features(
     import numpy as np
     import torch
 
+    from clipfeat.outputs import LayerSel
     from clipfeat.preprocess import Normalizer, PreprocessSpec, load_image, to_uint8
     from clipfeat.tower import load_tower
 
@@ -774,12 +785,13 @@ def compute_features(
     if device == "cpu" and dtype == "float16":
         dtype = "float32"
     revision = (meta.get("model_revision") or None) if model == meta.get("model") else None
-    tower = load_tower(model, layer=int(meta["layer"]), feature=str(meta["feature"]),
+    layer = LayerSel.parse(meta["layer"])  # an int, or "mean(A:B)"
+    tower = load_tower(model, layers=(layer,), feature=str(meta["feature"]),
                        revision=revision, device=device, dtype=dtype,
                        allow_pickle=allow_pickle)
     spec = PreprocessSpec.from_processor_config(
         tower.model_ref.preprocessor_config, family=tower.family,
-        image_size=int(tower.config.image_size),
+        image_size=int(tower.model_ref.image_size),  # DINOv2: its crop, not config's 518
     )
     norm = Normalizer(spec)
     out: dict[str, Any] = {}
@@ -792,6 +804,6 @@ def compute_features(
             continue
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(arr))[None].to(device)
-            feats = tower.forward_features(norm(x).to(tower.dtype))
+            (feats,) = tower.forward_outputs(norm(x).to(tower.dtype))
         out[key] = feats[0].float().cpu().numpy()
     return out

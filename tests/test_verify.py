@@ -563,5 +563,7 @@ def test_sampling_reads_each_output_with_its_own_settings(tmp_path, fake_compute
     (items, meta, model, _), = calls
     assert meta["layer"] == -2 and meta["model"] == "/ckpt/tiny-clip" and meta["aspect"] == "pad"
     report = verify_store(tmp_path, model="/ckpt/tiny-siglip", sample=2)
-    assert any(f"output {SIGLIP}: layer mean(0:2) is not re-extracted" in n
-               for n in report.notes)
+    assert report.sampled == 2 and len(calls) == 2  # the mean layer is re-extracted too
+    assert calls[1][1]["layer"] == "mean(0:2)" and calls[1][2] == "/ckpt/tiny-siglip"
+    assert any("output tiny-clip/-2: not re-extracted (no --model names its tower" in n
+               for n in report.notes), report.notes

@@ -238,9 +238,10 @@ def _record_identity(plan: Any, settings: RunSettings, *, new: bool) -> None:
         plan.header["identity"] = settings.identity()
         return
     ident = plan.header.setdefault("identity", {})
+    now = settings.identity()
     for k in ADDED_IDENTITY_FIELDS:
-        if ident.get(k) is None and getattr(settings, k):
-            ident[k] = getattr(settings, k)
+        if ident.get(k) is None and now.get(k):
+            ident[k] = now[k]
             plan.dirty = True
 
 
@@ -406,15 +407,11 @@ def _rebuild_plan(out: Path, cfg: ExtractConfig, items: list[Any], settings: Run
 def _shard_identity(intact: dict[int, Any], settings: RunSettings, keep: str) -> dict[str, Any]:
     """The run identity the shards' attributes record (the sources: today's, which the
     shards' keys were checked against); StoreError if the shards disagree among themselves."""
-    import json
-
-    from clipfeat.pipeline.settings import IDENTITY_FIELDS
+    from clipfeat.pipeline.settings import identity_from_attrs
 
     found: dict[str, Any] | None = None
     for sid, content in sorted(intact.items()):
-        ident = {k: content.attrs.get(k) for k in IDENTITY_FIELDS if k != "sources"}
-        if isinstance(ident.get("preprocessing"), str):
-            ident["preprocessing"] = json.loads(ident["preprocessing"])
+        ident = identity_from_attrs(content.attrs, content.output_attrs)
         if found is not None and ident != found:
             diffs = identity_diff(found, ident)
             raise StoreError(f"shard {sid} in {content.path.parent} was made with other "

@@ -226,6 +226,26 @@ class RunSettings:
                 if k not in ADDED_IDENTITY_FIELDS or old.get(k) is not None}
 
 
+def identity_from_attrs(attrs: dict[str, Any], output_attrs: dict[str, dict[str, Any]]
+                        ) -> dict[str, Any]:
+    """The identity (less ``sources``) a finished shard's attributes record: the root's for
+    a one-output shard, each output's own (by name) for a several-output one."""
+    import json
+
+    def pick(src: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+        d = {k: src.get(k) for k in names if k != "sources"}
+        if isinstance(d.get("preprocessing"), str):
+            d["preprocessing"] = json.loads(d["preprocessing"])
+        return d
+
+    if not output_attrs:
+        return pick(attrs, IDENTITY_FIELDS)
+    ident: dict[str, Any] = {"outputs": {name: pick(a, OUTPUT_IDENTITY_FIELDS)
+                                         for name, a in output_attrs.items()}}
+    ident.update(pick(attrs, RUN_IDENTITY_FIELDS))
+    return ident
+
+
 def identity_outputs(ident: dict[str, Any]) -> list[str]:
     """The output names an identity record describes (a one-tower record: its one)."""
     from clipfeat.outputs import LayerSel, output_name
