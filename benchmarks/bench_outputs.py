@@ -26,14 +26,12 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_extract import make_photos  # noqa: E402
+from bench_extract import make_photos, time_cmd  # noqa: E402
 
 from clipfeat.testing import save_tiny_clip, save_tiny_siglip, tower_checkpoint  # noqa: E402
 
@@ -57,12 +55,7 @@ def _run(images: Path, out: Path, flags: list[str], env: dict[str, str]) -> floa
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "clipfeat", "extract", str(images), "--out", str(out),
            "--quiet", *flags]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    dt = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout + proc.stderr)
-        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}")
+    dt, _ = time_cmd(cmd, env)
     shutil.rmtree(out, ignore_errors=True)
     return dt
 
