@@ -171,9 +171,9 @@ def _root(
 
 @app.command(cls=_Command)
 def info(
-    target: str = typer.Argument(..., metavar="TARGET", help="A model (hub name or local folder), or an OUT store."),
-    layer: int = typer.Option(_DEFAULTS.layer, "--layer", metavar="N", help="Hidden layer to select (negative counts from the end).", rich_help_panel=MODEL),
-    feature: str = typer.Option(_DEFAULTS.feature, "--feature", metavar="patch|cls_patch", help="patch (drop CLS) or cls_patch (keep it).", rich_help_panel=MODEL),
+    targets: List[str] = typer.Argument(..., metavar="TARGET...", help="A model (hub name or local folder), several for a several-tower run, or an OUT store."),
+    layer: Optional[List[str]] = typer.Option(None, "--layer", metavar="N[,N...]", show_default=str(_DEFAULTS.layer), help="Hidden layer(s) to select (negative counts from the end), or mean(A:B); MODEL=LAYERS for one of several towers.", rich_help_panel=MODEL),
+    feature: Optional[List[str]] = typer.Option(None, "--feature", metavar="patch|cls_patch", show_default=_DEFAULTS.feature, help="patch (drop CLS and registers) or cls_patch (keep CLS); MODEL=FEATURE for one of several towers.", rich_help_panel=MODEL),
     images: Optional[int] = typer.Option(None, "--images", min=0, metavar="N", help="Estimate the output size for N images.", rich_help_panel=OUTPUT),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object.", rich_help_panel=OUTPUT),
 ) -> None:
@@ -183,17 +183,24 @@ def info(
     Examples:
       clipfeat info openai/clip-vit-large-patch14-336 --layer -2 --images 558128
       clipfeat info google/siglip-so400m-patch14-384 --json
+      clipfeat info facebook/dinov2-large google/siglip-so400m-patch14-384 --layer -2 --images 1000000
       clipfeat info feats/pretrain
     """
     from clipfeat import info as info_mod
 
     try:
-        if info_mod.is_store(target):
-            data = info_mod.describe_store(target)
+        flags = _tower_flags(targets, None, layer, feature)
+        if len(targets) == 1 and info_mod.is_store(targets[0]):
+            data = info_mod.describe_store(targets[0])
             text = info_mod.format_store(data)
-        else:
-            data = info_mod.describe_model(target, layer=layer, feature=feature, images=images)
+        elif len(targets) == 1 and isinstance(flags["layer"], int):
+            data = info_mod.describe_model(targets[0], layer=flags["layer"],
+                                           feature=flags["feature"], images=images)
             text = info_mod.format_model(data)
+        else:
+            data = info_mod.describe_run(flags["model"], layers=flags["layer"],
+                                         features=flags["feature"], images=images)
+            text = info_mod.format_run(data)
     except ClipfeatError as err:
         _fail(err)
     typer.echo(json.dumps(data, indent=2) if as_json else text)
@@ -249,6 +256,24 @@ def _split_exts(value: Optional[str]) -> Optional[tuple]:
     return parse_exts(value)
 
 
+def _scalar(values: Optional[List[str]], default: object) -> object:
+    """A repeatable flag's values as the config takes them: the default when absent, the
+    value itself when given once (so a one-tower command is the config of before)."""
+    if not values:
+        return default
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def _tower_flags(model: Optional[List[str]], revision: Optional[List[str]],
+                 layer: Optional[List[str]], feature: Optional[List[str]]) -> dict:
+    """--model/--revision/--layer/--feature as ExtractConfig fields (`clipfeat.outputs`)."""
+    one_layer = _scalar(layer, _DEFAULTS.layer)
+    if isinstance(one_layer, str) and one_layer.strip().lstrip("+-").isdigit():
+        one_layer = int(one_layer)
+    return {"model": _scalar(model, _DEFAULTS.model), "revision": _scalar(revision, None),
+            "layer": one_layer, "feature": _scalar(feature, _DEFAULTS.feature)}
+
+
 @app.command(cls=_Command)
 def extract(
     # str, not Path: Path("") is ".", so an empty --out (an unset shell variable) would
@@ -264,10 +289,10 @@ def extract(
     exif_transpose: bool = typer.Option(False, "--exif-transpose", help="Apply EXIF orientation (LLaVA does not).", rich_help_panel=INPUT),
     max_pixels: int = typer.Option(_DEFAULTS.max_pixels, "--max-pixels", metavar="N", help="Refuse images with more pixels (decompression bombs).", rich_help_panel=INPUT),
     no_follow_outside: bool = typer.Option(False, "--no-follow-outside", help="Do not follow symlinks that lead out of ROOT / --image-folder (recorded as failures).", rich_help_panel=INPUT),
-    model: str = typer.Option(_DEFAULTS.model, "--model", metavar="NAME|DIR", help="Hub name or local checkpoint folder (CLIP or SigLIP).", rich_help_panel=MODEL),
-    revision: Optional[str] = typer.Option(None, "--revision", metavar="REV", help="Hub revision (branch, tag or commit).", rich_help_panel=MODEL),
-    layer: int = typer.Option(_DEFAULTS.layer, "--layer", metavar="N", help="Hidden layer (LLaVA's mm_vision_select_layer); negative counts from the end.", rich_help_panel=MODEL),
-    feature: str = typer.Option(_DEFAULTS.feature, "--feature", metavar="patch|cls_patch", help="patch (drop CLS) or cls_patch (keep it).", rich_help_panel=MODEL),
+    model: Optional[List[str]] = typer.Option(None, "--model", metavar="NAME|DIR", show_default=_DEFAULTS.model, help="Hub name or local folder (CLIP, SigLIP, DINOv2); repeat for several towers.", rich_help_panel=MODEL),
+    revision: Optional[List[str]] = typer.Option(None, "--revision", metavar="REV", help="Hub revision (branch, tag or commit); MODEL=REV for one tower.", rich_help_panel=MODEL),
+    layer: Optional[List[str]] = typer.Option(None, "--layer", metavar="N[,N...]", show_default=str(_DEFAULTS.layer), help="Hidden layer(s) (LLaVA's mm_vision_select_layer), or mean(A:B); MODEL=LAYERS for one tower.", rich_help_panel=MODEL),
+    feature: Optional[List[str]] = typer.Option(None, "--feature", metavar="patch|cls_patch", show_default=_DEFAULTS.feature, help="patch (drop CLS, registers) or cls_patch (keep CLS); MODEL=FEATURE for one tower.", rich_help_panel=MODEL),
     aspect: str = typer.Option(_DEFAULTS.aspect, "--aspect", metavar="square|pad", help="square (resize+crop) or pad (LLaVA-1.5 expand2square).", rich_help_panel=MODEL),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights; only for trusted checkpoints.", rich_help_panel=MODEL),
     out: str = typer.Option(..., "--out", "-o", metavar="DIR", help="Output folder for shards, manifest and failures.", rich_help_panel=OUTPUT),
@@ -304,10 +329,7 @@ def extract(
         cfg = ExtractConfig(
             roots=tuple(str(r) for r in roots or ()),
             out=str(out),
-            model=model,
-            revision=revision,
-            layer=layer,
-            feature=feature,
+            **_tower_flags(model, revision, layer, feature),
             aspect=aspect,
             device=device,
             dtype=dtype,
@@ -381,7 +403,7 @@ def extract(
 @app.command(cls=_Command)
 def verify(
     out: str = typer.Argument(..., metavar="OUT", help="An output folder written by clipfeat extract."),
-    model: Optional[str] = typer.Option(None, "--model", metavar="NAME|DIR", help="Also re-extract --sample rows with this model and compare.", rich_help_panel=MODEL),
+    model: Optional[List[str]] = typer.Option(None, "--model", metavar="NAME|DIR", help="Also re-extract --sample rows with this model and compare (repeat for each tower of a several-tower store).", rich_help_panel=MODEL),
     sample: Optional[int] = typer.Option(None, "--sample", min=0, metavar="N", show_default=f"{DEFAULT_VERIFY_SAMPLE} with --model", help="Rows to re-extract (needs --model).", rich_help_panel=MODEL),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights for the re-extraction; only for trusted checkpoints.", rich_help_panel=MODEL),
     device: str = typer.Option("cpu", "--device", metavar="DEVICE", help="Device for the re-extraction.", rich_help_panel=PERFORMANCE),

@@ -103,10 +103,12 @@ class ExtractConfig:
 
     roots: tuple[str, ...] = ()
     out: str = ""
-    model: str = DEFAULT_MODEL
-    revision: str | None = None
-    layer: int = -2
-    feature: str = "patch"
+    #: One tower: a name, an int layer, a feature. Several towers or layers: sequences, and
+    #: ``"MODEL=VALUE"`` entries for what one tower does differently (`clipfeat.outputs`).
+    model: str | tuple[str, ...] = DEFAULT_MODEL
+    revision: str | tuple[str, ...] | None = None
+    layer: int | str | tuple[int | str, ...] = -2
+    feature: str | tuple[str, ...] = "patch"
     aspect: str = "square"
     device: str = "auto"
     dtype: str = "auto"
@@ -142,6 +144,23 @@ class ExtractConfig:
         else:
             object.__setattr__(self, "roots", tuple(str(r) for r in self.roots))
         object.__setattr__(self, "out", str(self.out) if self.out else "")
+        for name in ("model", "revision", "layer", "feature"):  # lists from callers: tuples
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+
+    def towers(self) -> tuple[Any, ...]:
+        """The towers of this run with their layers and feature (`clipfeat.outputs`);
+        ConfigError for a bad ``--model/--layer/--feature/--revision`` value."""
+        from clipfeat.outputs import tower_requests
+
+        return tower_requests(self.model, layers=self.layer, features=self.feature,
+                              revisions=self.revision)
+
+    @property
+    def model_names(self) -> str:
+        """The --model value(s), for messages."""
+        return self.model if isinstance(self.model, str) else ", ".join(self.model)
 
     @property
     def num_workers(self) -> int:
@@ -160,8 +179,8 @@ class ExtractConfig:
             raise ConfigError("no output folder given: pass --out DIR")
         if any(not r for r in self.roots):
             raise ConfigError("an empty ROOT ('') was given: pass an existing image folder")
+        self.towers()  # --model, --layer, --feature, --revision
         for name, value, choices in (
-            ("--feature", self.feature, FEATURES),
             ("--aspect", self.aspect, ASPECTS),
             ("--dtype", self.dtype, DTYPES),
             ("--store-dtype", self.store_dtype, STORE_DTYPES),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from clipfeat import families
 from clipfeat.errors import ConfigError
 from clipfeat.modelref import PICKLE_RISK, pickle_weights, resolve_model
 from clipfeat.preprocess import size_mismatch
@@ -15,11 +16,6 @@ STORE_BYTES_PER_VALUE = 2  # features are stored as float16 by default
 
 _RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box",
                    5: "hamming"}
-
-# The image processors' own defaults (transformers CLIPImageProcessor / SiglipImageProcessor),
-# used when a checkpoint has no preprocessor_config.json, as the tower does.
-_OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-_OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 def describe_model(
@@ -53,6 +49,7 @@ def describe_model(
         "patch_size": ref.patch_size,
         "num_patches": ref.num_patches,
         "has_cls_token": ref.has_cls_token,
+        "num_registers": ref.num_registers,
         "layer": layer,
         "layer_index": layer_index,
         "layer_range": [-(num_layers + 1), num_layers],
@@ -89,18 +86,25 @@ def describe_model(
 
 def format_model(d: dict) -> str:
     """A readable, aligned table of `describe_model`'s facts."""
+    return _table(_model_rows(d))
+
+
+def _model_rows(d: dict) -> list[tuple[str, str]]:
     lo, hi = d["layer_range"]
     pp = d["preprocessing"]
     cls = "yes" if d["has_cls_token"] else "no"
+    registers = d.get("num_registers", 0)
     side = d["image_size"] // d["patch_size"]
+    dropped = " and registers" if registers else ""
     if d["feature"] == "patch" and d["has_cls_token"]:
-        tokens_note = "CLS dropped"
+        tokens_note = f"CLS{dropped} dropped"
     elif d["has_cls_token"]:
-        tokens_note = "CLS + patches"
+        tokens_note = "CLS + patches" + (", registers dropped" if registers else "")
     else:
         tokens_note = "all patches, no CLS token"
     image = (f"{d['image_size']} px, patch {d['patch_size']} -> {side}x{side} = "
-             f"{d['num_patches']} patches, CLS token: {cls}")
+             f"{d['num_patches']} patches, CLS token: {cls}"
+             + (f", {registers} registers" if registers else ""))
     tokens, hidden = d["feature_shape"]
     rows: list[tuple[str, str]] = [
         ("model", d["model"]),
@@ -126,7 +130,7 @@ def format_model(d: dict) -> str:
         ("preprocessing", pp["source"]),
     ]
     rows += [("warning", w) for w in d.get("warnings", [])]
-    return _table(rows)
+    return rows
 
 
 def _pickle_name(folder: Path) -> str | None:
@@ -143,9 +147,12 @@ def _weights_row(d: dict) -> str:
 
 
 def _kind(d: dict) -> str:
-    name = "CLIP" if d["family"] == "clip" else "SigLIP"
-    if d["model_type"] in ("clip", "siglip"):
+    name = families.family(d["family"]).title
+    info = families.model_type(d["model_type"])
+    if info is not None and info.full:
         return f"{name} text+vision checkpoint, vision half used"
+    if info is not None and info.registers:
+        return f"{name} vision tower with registers"
     return f"{name} vision tower"
 
 
@@ -175,32 +182,30 @@ def _preprocessing(cfg: dict | None, family: str, image_size: int) -> dict:
     source = "preprocessor_config.json"
     if cfg is None:
         source = "defaults (no preprocessor_config.json)"
-        if family == "clip":
-            cfg = {"size": {"shortest_edge": image_size},
-                   "crop_size": {"height": image_size, "width": image_size},
-                   "image_mean": _OPENAI_CLIP_MEAN, "image_std": _OPENAI_CLIP_STD}
-        else:
-            cfg = {"size": {"height": image_size, "width": image_size},
-                   "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
-    default_mean = _OPENAI_CLIP_MEAN if family == "clip" else [0.5, 0.5, 0.5]
-    default_std = _OPENAI_CLIP_STD if family == "clip" else [0.5, 0.5, 0.5]
+        cfg = families.missing_processor_config(family, image_size)
+    defaults = families.processor_defaults(family)
+
+    def get(key: str) -> Any:
+        value = cfg.get(key)
+        return defaults[key] if value is None else value
 
     resize = None
-    if cfg.get("do_resize", True):
-        resize = _size_dict(cfg.get("size"), shortest_edge=(family == "clip"))
+    if get("do_resize"):
+        # an int size: the family's kind (CLIP, DINOv2: shortest edge; SigLIP: square)
+        resize = _size_dict(get("size"), shortest_edge="shortest_edge" in defaults["size"])
     crop = None
-    if family == "clip" and cfg.get("do_center_crop", True):
-        crop = _size_dict(cfg.get("crop_size"), shortest_edge=False)
-    resample = cfg.get("resample", 3)
-    rescale = cfg.get("rescale_factor", 1 / 255) if cfg.get("do_rescale", True) else None
-    normalize = cfg.get("do_normalize", True)
+    if get("do_center_crop"):
+        crop = _size_dict(get("crop_size"), shortest_edge=False)
+    resample = get("resample")
+    rescale = get("rescale_factor") if get("do_rescale") else None
+    normalize = get("do_normalize")
     return {
         "resize": resize,
         "crop": crop,
         "resample": _RESAMPLE_NAMES.get(resample, str(resample)),
         "rescale_factor": rescale,
-        "mean": list(cfg.get("image_mean", default_mean)) if normalize else None,
-        "std": list(cfg.get("image_std", default_std)) if normalize else None,
+        "mean": list(get("image_mean")) if normalize else None,
+        "std": list(get("image_std")) if normalize else None,
         "source": source,
     }
 
@@ -248,3 +253,80 @@ def _fmt_value(value: Any) -> str:
 def _table(rows: list[tuple[str, str]]) -> str:
     width = max((len(k) for k, _ in rows), default=0)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+# --------------------------------------------------------------------------- several outputs
+
+
+def describe_run(
+    models: str | list[str],
+    *,
+    layers: Any = -2,
+    features: Any = "patch",
+    images: int | None = None,
+) -> dict:
+    """Every output a run of these towers would store (``--model/--layer/--feature`` as
+    `clipfeat extract` takes them): shapes, bytes per image and the total for ``images``,
+    each tower's facts as `describe_model` gives them (configs only, no weights)."""
+    from clipfeat.outputs import check_distinct, dataset_path, output_name, tower_requests
+
+    requests = tower_requests(models, layers=layers, features=features)
+    towers, outputs = [], []
+    for req in requests:
+        ref = resolve_model(req.model, revision=req.revision, need_weights=False)
+        num_layers = ref.num_hidden_layers
+        check_distinct(req.layers, num_layers, model=req.model)
+        deepest = max(sel.deepest(num_layers) for sel in req.layers)
+        tower = describe_model(req.model, layer=deepest, feature=req.feature)
+        for key in ("layer", "layer_index", "bytes_per_image"):
+            tower.pop(key)
+        tower["blocks_run"] = deepest
+        towers.append(tower)
+        for sel in req.layers:
+            tokens, hidden = tower["feature_shape"]
+            outputs.append({
+                "name": output_name(req.model, sel), "model": req.model, "layer": str(sel),
+                "hidden_states": list(sel.indices(num_layers)), "feature": req.feature,
+                "tokens": tokens, "hidden_size": hidden,
+                "bytes_per_image": tokens * hidden * STORE_BYTES_PER_VALUE,
+            })
+    for o in outputs:
+        o["dataset"] = dataset_path(o["name"], len(outputs))
+    per_image = sum(o["bytes_per_image"] for o in outputs)
+    data: dict[str, Any] = {"towers": towers, "outputs": outputs, "store_dtype": "float16",
+                            "bytes_per_image": per_image}
+    if images is not None:
+        if isinstance(images, bool) or not isinstance(images, int) or images < 0:
+            raise ConfigError(f"images {images!r} must be a non-negative integer")
+        data.update(images=images, total_bytes=images * per_image,
+                    total_human=human_bytes(images * per_image))
+    return data
+
+
+def format_run(d: dict) -> str:
+    """`describe_run` as text: each tower's table, then one line per output and the totals."""
+    parts = []
+    for t in d["towers"]:
+        rows = [(k, v) for k, v in _model_rows(
+            {**t, "layer": t["blocks_run"], "layer_index": t["blocks_run"], "bytes_per_image": 0})
+            if k not in ("layer", "per image")]
+        rows.append(("blocks run", f"{t['blocks_run']} of {t['num_hidden_layers']} "
+                                   "(the deepest layer asked)"))
+        parts.append(_table(rows))
+    rows = [(f"output {o['name']}",
+             f"hidden_states{_fmt_states(o['hidden_states'])}, {o['feature']}, "
+             f"{o['tokens']} x {o['hidden_size']} ({d['store_dtype']}), "
+             f"{human_bytes(o['bytes_per_image'])} per image, dataset {o['dataset']}")
+            for o in d["outputs"]]
+    rows.append(("per image", f"{human_bytes(d['bytes_per_image'])} ({d['bytes_per_image']} B) "
+                              f"in {len(d['outputs'])} outputs"))
+    if "images" in d:
+        rows.append((f"{d['images']} images", f"{d['total_human']} ({d['total_bytes']} B)"))
+    parts.append(_table(rows))
+    return "\n\n".join(parts)
+
+
+def _fmt_states(indices: list[int]) -> str:
+    if len(indices) == 1:
+        return f"[{indices[0]}]"
+    return f"[{indices[0]}:{indices[-1] + 1}] mean"

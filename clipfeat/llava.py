@@ -1,17 +1,24 @@
 """LLaVA drop-in: train on precomputed features instead of running the vision tower.
 
-- ``PrecomputedVisionTower(store, expect_layer=-2, expect_feature="patch", ...)`` has the
-  properties LLaVA reads from ``CLIPVisionTower`` (``hidden_size``, ``num_patches``,
-  ``config``, ``dtype``, ``device``, ``dummy_feature``, ...) and a ``forward`` that takes the
-  features (what the dataset now yields instead of pixel values) and returns them on the
-  module's device and dtype, so ``encode_images`` and the projector work unchanged.
+- ``PrecomputedVisionTower(store, output=None, expect_layer=-2, expect_feature="patch", ...)``
+  has the properties LLaVA reads from ``CLIPVisionTower`` (``hidden_size``,
+  ``num_patches``, ``config``, ``dtype``, ``device``, ``dummy_feature``, ...) and a
+  ``forward`` that takes the features (what the dataset now yields instead of pixel values)
+  and returns them on the module's device and dtype, so ``encode_images`` and the projector
+  work unchanged.
 - ``LlavaFeatureDataset(json_or_samples, store)`` yields each sample with its
   ``image_features`` looked up by the sample's exact ``image`` string.
 - ``check_compatible(meta, layer=..., feature=..., aspect=..., model=...)`` refuses a store
   made with other settings, naming both values.
 
+A store of several outputs (layers, towers: ``FeatureStore.outputs``) feeds one of them to
+the tower: ``output=NAME`` (``"clip-vit-large-patch14-336/-2"``), whose own metadata
+(model, layer, feature) is then checked; without one, such a store is refused with a
+StoreError listing its outputs. A store of one output needs no name.
+
 In LLaVA's own ``llava/train/train.py`` the store is named once, by the environment
-variable ``CLIPFEAT_STORE``, and two helpers make the edits one call each:
+variable ``CLIPFEAT_STORE`` (its output, for a store of several, by ``CLIPFEAT_OUTPUT``),
+and two helpers make the edits one call each:
 
 - ``precomputed_vision_tower(vision_tower_cfg, **kwargs)``, called first thing in LLaVA's
   ``build_vision_tower``: the store's tower when ``CLIPFEAT_STORE`` is set (None otherwise),
@@ -29,22 +36,27 @@ stays light).
 
 from __future__ import annotations
 
+import json
 import os
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from clipfeat.errors import ConfigError, StoreError
+from clipfeat.outputs import LayerSel
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from clipfeat.store import FeatureStore
 
-__all__ = ["STORE_ENV", "LlavaFeatureDataset", "PrecomputedVisionTower",  # noqa: F822
-           "check_compatible", "load_features", "precomputed_vision_tower"]
+__all__ = ["OUTPUT_ENV", "STORE_ENV", "LlavaFeatureDataset",  # noqa: F822
+           "PrecomputedVisionTower", "check_compatible", "load_features",
+           "precomputed_vision_tower"]
 
 # The one place the store of a LLaVA run is named (see precomputed_vision_tower).
 STORE_ENV = "CLIPFEAT_STORE"
+# Which output of that store the run trains on, for a store of several outputs.
+OUTPUT_ENV = "CLIPFEAT_OUTPUT"
 
 # LLaVA's image_aspect_ratio values that mean "the image processor's own resize/crop".
 _PLAIN_ASPECTS = {"square", "crop", "resize", "center_crop", "default", "none", "", "plain"}
@@ -65,30 +77,63 @@ def _same_model(want: str, have: str) -> bool:
     return local and os.path.basename(a) == os.path.basename(b)
 
 
+def _layer_indices(meta: dict) -> list[int]:
+    """The ``hidden_states`` indices a store's features were read from, as recorded."""
+    found = [meta.get("layer_index")]
+    listed = meta.get("layer_indices")
+    if isinstance(listed, str):
+        try:
+            listed = json.loads(listed)
+        except ValueError:
+            listed = None
+    if isinstance(listed, list) and len(listed) == 1:
+        found += listed
+    return [int(v) for v in found if isinstance(v, int) and not isinstance(v, bool)]
+
+
+def _same_layer(meta: dict, layer: Any) -> bool:
+    """Is ``layer`` (an int, or ``"mean(A:B)"``) the layer the store's features come from:
+    the layer as given at extraction, or (one layer) its resolved ``hidden_states`` index?"""
+    try:
+        want = LayerSel.parse(layer)
+    except ConfigError:
+        return False
+    have = meta.get("layer")
+    if have is not None:
+        try:
+            if str(LayerSel.parse(have)) == str(want):
+                return True
+        except ConfigError:
+            pass
+    return not want.mean and int(want.start) in _layer_indices(meta)  # type: ignore[arg-type]
+
+
 def check_compatible(
     meta: dict,
     *,
-    layer: int | None = None,
+    layer: int | str | None = None,
     feature: str | None = None,
     aspect: str | None = None,
     model: str | None = None,
 ) -> None:
-    """Raise StoreError unless the store described by ``meta`` (``FeatureStore.meta``) was
-    made with the given settings; ``None`` skips a check. ``layer`` matches either the
-    layer as given at extraction (``-2``) or its resolved ``hidden_states`` index."""
+    """Raise StoreError unless the store described by ``meta`` (``FeatureStore.meta``: the
+    chosen output's, for a store of several) was made with the given settings; ``None``
+    skips a check. ``layer`` matches either the layer as given at extraction (``-2``,
+    ``"mean(0:12)"``) or its resolved ``hidden_states`` index."""
     problems = []
+    where = f" (output {meta['output']})" if meta.get("output") else ""
     if layer is not None:
-        have = [meta.get("layer"), meta.get("layer_index")]
-        if all(v is None for v in have):
+        if meta.get("layer") is None and not _layer_indices(meta):
             problems.append(f"expected layer {layer} but the store does not record its layer")
-        elif int(layer) not in [int(v) for v in have if v is not None]:
+        elif not _same_layer(meta, layer):
+            index = meta.get("layer_index", meta.get("layer_indices"))
             problems.append(
-                f"store features come from layer {meta.get('layer')} (hidden_states"
-                f"[{meta.get('layer_index')}]) but layer {layer} was expected "
+                f"store features{where} come from layer {meta.get('layer')} (hidden_states"
+                f"[{index}]) but layer {layer} was expected "
                 f"(mm_vision_select_layer): re-extract with --layer {layer}")
     if feature is not None and meta.get("feature") != feature:
         problems.append(
-            f"store features are {meta.get('feature')!r} but {feature!r} was expected "
+            f"store features{where} are {meta.get('feature')!r} but {feature!r} was expected "
             f"(mm_vision_select_feature): re-extract with --feature {feature}")
     if aspect is not None and _canonical_aspect(meta.get("aspect")) != _canonical_aspect(aspect):
         problems.append(
@@ -97,24 +142,36 @@ def check_compatible(
             "--aspect")
     if model is not None and not _same_model(model, str(meta.get("model"))):
         problems.append(
-            f"store features come from model {meta.get('model')!r} but {model!r} was "
+            f"store features{where} come from model {meta.get('model')!r} but {model!r} was "
             "expected (mm_vision_tower)")
     if problems:
         raise StoreError("incompatible feature store: " + "; ".join(problems))
 
 
-def _open_store(store: FeatureStore | str | os.PathLike) -> FeatureStore:
+def _open_store(store: FeatureStore | str | os.PathLike, output: str | None = None, *,
+                one: bool = False) -> FeatureStore:
+    """``store`` (a FeatureStore or an OUT folder) reading ``output``; with ``one``, a
+    StoreError naming the outputs when it holds several and none is chosen."""
     from clipfeat.store import FeatureStore
 
     if isinstance(store, FeatureStore):
-        return store
-    if isinstance(store, (str, os.PathLike)):
-        return FeatureStore(store)
-    raise ConfigError(f"expected a FeatureStore or an OUT folder, not {type(store).__name__}")
+        st = store if output is None or store.output == output else store.select(output)
+    elif isinstance(store, (str, os.PathLike)):
+        st = FeatureStore(store, output)
+    else:
+        raise ConfigError(f"expected a FeatureStore or an OUT folder, not {type(store).__name__}")
+    if one and st.output is None:
+        raise StoreError(
+            f"{st.path}: the store holds {len(st.outputs)} outputs ("
+            + ", ".join(repr(n) for n in st.outputs)
+            + f"): choose the one to train on with output=NAME (or {OUTPUT_ENV}=NAME)")
+    return st
 
 
 class _PrecomputedTowerImpl:
-    """A vision tower whose output was computed by ``clipfeat extract``.
+    """A vision tower whose output was computed by ``clipfeat extract``: the store's one
+    output, or ``output`` (its name) of a store of several, checked against the
+    ``expect_*`` settings given (its layer, feature, aspect and model).
 
     ``forward(features)`` takes what the dataset yields (a (B, P, D) tensor, or a list
     of (P, D) / (1, P, D) tensors) and returns it on this module's device and dtype —
@@ -127,8 +184,9 @@ class _PrecomputedTowerImpl:
     def __init__(
         self,
         store: FeatureStore | str | os.PathLike,
+        output: str | None = None,
         *,
-        expect_layer: int | None = None,
+        expect_layer: int | str | None = None,
         expect_feature: str | None = None,
         expect_aspect: str | None = None,
         expect_model: str | None = None,
@@ -136,7 +194,8 @@ class _PrecomputedTowerImpl:
         import torch
 
         super().__init__()
-        self.store = _open_store(store)
+        self.store = _open_store(store, output, one=True)
+        self.output = self.store.output
         meta = self.store.meta
         check_compatible(meta, layer=expect_layer, feature=expect_feature,
                          aspect=expect_aspect, model=expect_model)
@@ -230,7 +289,8 @@ class _PrecomputedTowerImpl:
         return self.store.get_many(list(keys)).to(device=self.device, dtype=self.dtype)
 
     def extra_repr(self) -> str:
-        return (f"store={str(self.store.path)!r}, model={self.vision_tower_name!r}, "
+        picked = f", output={self.output!r}" if len(self.store.outputs) > 1 else ""
+        return (f"store={str(self.store.path)!r}{picked}, model={self.vision_tower_name!r}, "
                 f"layer={self.select_layer}, feature={self.select_feature!r}, "
                 f"tokens={self.tokens}, hidden_size={self.hidden_size}")
 
@@ -271,10 +331,20 @@ def store_path(store: FeatureStore | str | os.PathLike | None = None):
     return value or None
 
 
-def precomputed_vision_tower(vision_tower_cfg: Any, store: Any = None, **kwargs: Any):
+def store_output(output: str | None = None) -> str | None:
+    """``output`` if given, else ``$CLIPFEAT_OUTPUT``; None when neither names one."""
+    if output is not None:
+        return output
+    value = os.environ.get(OUTPUT_ENV, "").strip()
+    return value or None
+
+
+def precomputed_vision_tower(vision_tower_cfg: Any, store: Any = None,
+                             output: str | None = None, **kwargs: Any):
     """What LLaVA's ``build_vision_tower(vision_tower_cfg, **kwargs)`` should return when
     training on a store: a ``PrecomputedVisionTower`` over ``store`` (default
-    ``$CLIPFEAT_STORE``), or None when no store is named, so LLaVA builds its own tower.
+    ``$CLIPFEAT_STORE``) and its ``output`` (default ``$CLIPFEAT_OUTPUT``; needed only for
+    a store of several), or None when no store is named, so LLaVA builds its own tower.
 
     LLaVA calls its builder with ``ModelArguments`` (``initialize_vision_modules`` in a
     fresh run) or with the model ``config`` (``LlavaMetaModel.__init__``, with
@@ -294,7 +364,7 @@ def precomputed_vision_tower(vision_tower_cfg: Any, store: Any = None, **kwargs:
                 f"{flag} is set, but precomputed features come from the frozen single-scale "
                 f"tower: unset {STORE_ENV} to train with the real tower")
     return _tower_class()(
-        _cached_store(path),
+        _cached_store(path, store_output(output)),
         expect_model=getattr(vision_tower_cfg, "mm_vision_tower",
                              getattr(vision_tower_cfg, "vision_tower", None)),
         expect_layer=getattr(vision_tower_cfg, "mm_vision_select_layer", None),
@@ -302,20 +372,24 @@ def precomputed_vision_tower(vision_tower_cfg: Any, store: Any = None, **kwargs:
     )
 
 
-_STORES: dict[str, FeatureStore] = {}  # per process; FeatureStore reopens its files after fork
+# per process; FeatureStore reopens its files after fork
+_STORES: dict[tuple[str, str | None], FeatureStore] = {}
 _ASPECTS_CHECKED: set[tuple[str, str]] = set()
 
 
-def _cached_store(store: FeatureStore | str | os.PathLike) -> FeatureStore:
+def _cached_store(store: FeatureStore | str | os.PathLike,
+                  output: str | None = None) -> FeatureStore:
+    """``store`` reading its one output or ``output``, opened once per process."""
     if not isinstance(store, (str, os.PathLike)):
-        return _open_store(store)
-    key = os.path.abspath(os.fspath(store))
+        return _open_store(store, output, one=True)
+    key = (os.path.abspath(os.fspath(store)), output)
     if key not in _STORES:
-        _STORES[key] = _open_store(store)
+        _STORES[key] = _open_store(store, output, one=True)
     return _STORES[key]
 
 
-def load_features(sample: Any, data_args: Any = None, *, store: Any = None) -> torch.Tensor:
+def load_features(sample: Any, data_args: Any = None, *, store: Any = None,
+                  output: str | None = None) -> torch.Tensor:
     """The ``data_dict['image']`` of a LLaVA sample when training on a store.
 
     ``sample`` is the sample dict (``self.list_data_dict[i]``) or its image key. With an
@@ -324,7 +398,9 @@ def load_features(sample: Any, data_args: Any = None, *, store: Any = None) -> t
     collator stacks with the others and ``encode_images`` runs through the tower (LLaVA
     uses zero pixels of the processor's crop size there).
 
-    ``store`` defaults to ``$CLIPFEAT_STORE``, opened once per process. The store's aspect
+    ``store`` defaults to ``$CLIPFEAT_STORE``, opened once per process, and ``output`` (the
+    one to read, for a store of several: StoreError listing them when none is chosen) to
+    ``$CLIPFEAT_OUTPUT``. The store's aspect
     is checked against ``data_args.image_aspect_ratio`` (StoreError: a square store in a
     ``pad`` run, or the reverse) on the first call of each process.
     """
@@ -334,7 +410,7 @@ def load_features(sample: Any, data_args: Any = None, *, store: Any = None) -> t
     if path is None:
         raise ConfigError(f"no feature store: set {STORE_ENV} to the OUT folder of "
                           "clipfeat extract (or pass store=)")
-    st = _cached_store(path)
+    st = _cached_store(path, store_output(output))
     aspect = getattr(data_args, "image_aspect_ratio", None)
     if aspect is not None and (str(st.path), str(aspect)) not in _ASPECTS_CHECKED:
         check_compatible(st.meta, aspect=aspect)
@@ -379,13 +455,15 @@ class LlavaFeatureDataset:
     ``ds[i]`` is a dict: the sample's own fields plus ``image_features``: a (P, D) tensor
     when ``image`` is a string, a list of them when it is a list, None for text-only
     samples. Keys are the exact ``image`` strings (as ``clipfeat extract --llava-json``
-    stores them). Picklable: works with DataLoader workers (fork or spawn).
+    stores them). Picklable: works with DataLoader workers (fork or spawn). A store of
+    several outputs gives ``output``'s features, or without it a dict name -> (P, D) tensor
+    per image (`FeatureStore`).
     """
 
     def __init__(self, data: str | os.PathLike | list, store: FeatureStore | str | os.PathLike,
-                 *, image_field: str = "image") -> None:
+                 *, output: str | None = None, image_field: str = "image") -> None:
         self.samples = load_llava_samples(data)
-        self.store = _open_store(store)
+        self.store = _open_store(store, output)
         self.image_field = image_field
 
     def __len__(self) -> int:

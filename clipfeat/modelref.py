@@ -15,9 +15,12 @@ preprocessor_config.json and the weights together: it becomes ``ModelRef.local_d
 ``ModelRef.weights_revision`` says where the weights came from. Nothing is ever converted and
 no PR is ever opened.
 
-The geometry a run needs (hidden size, layers, image and patch size) is read from
+The geometry a run needs (hidden size, layers, image and patch size, registers) is read from
 ``config.json`` directly, so ``clipfeat info`` never imports torch or transformers; the
-transformers config object is built on first use of ``ModelRef.vision_config``.
+transformers config object is built on first use of ``ModelRef.vision_config``. What differs
+between families (which model types, their defaults, token layout) is `clipfeat.families`.
+``ModelRef.image_size`` is the size the tower is fed: config.json's ``image_size`` for CLIP
+and SigLIP, the processor's crop for DINOv2 (``config_image_size`` keeps config.json's).
 """
 
 from __future__ import annotations
@@ -30,31 +33,17 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from clipfeat import jsonsafe
+from clipfeat import families, jsonsafe
 from clipfeat.errors import ModelError
 
 logger = logging.getLogger(__name__)
 
-#: model_type in config.json -> family
-SUPPORTED_MODEL_TYPES = {
-    "clip": "clip",
-    "clip_vision_model": "clip",
-    "siglip": "siglip",
-    "siglip_vision_model": "siglip",
-}
-
-# transformers' defaults for the few fields we read ourselves, used only when config.json
-# omits them (CLIPVisionConfig / SiglipVisionConfig __init__ defaults).
-_VISION_DEFAULTS = {
-    "clip": {"hidden_size": 768, "num_hidden_layers": 12, "image_size": 224, "patch_size": 32,
-             "intermediate_size": 3072, "num_channels": 3},
-    "siglip": {"hidden_size": 768, "num_hidden_layers": 12, "image_size": 224, "patch_size": 16,
-               "intermediate_size": 3072, "num_channels": 3},
-}
+#: model_type in config.json -> family (the accepted ones; see `clipfeat.families`)
+SUPPORTED_MODEL_TYPES = {name: mt.family for name, mt in families.MODEL_TYPES.items()}
 
 #: The largest value of each vision size that any real tower comes near (ViT-g/14 has 40
-#: blocks of width 1,408; So400m 27 of width 1,152): larger ones are mistakes, refused
-#: before anything is built or read.
+#: blocks of width 1,408; So400m 27 of width 1,152; DINOv2-g 40 of 1,536 with 4 registers):
+#: larger ones are mistakes, refused before anything is built or read.
 _VISION_LIMITS = {
     "num_hidden_layers": 1_000,
     "hidden_size": 65_536,
@@ -62,10 +51,13 @@ _VISION_LIMITS = {
     "image_size": 16_384,
     "patch_size": 1_024,
     "num_channels": 16,
+    "num_register_tokens": 1_024,
 }
 
-#: Where the vision tower's tensors live in a checkpoint (vision-only and full alike).
-_VISION_PREFIX = "vision_model."
+#: The ModelRef properties read (and so validated) when a model is resolved.
+_GEOMETRY = ("hidden_size", "num_hidden_layers", "config_image_size", "image_size",
+             "patch_size", "intermediate_size", "num_channels", "num_registers")
+
 #: Largest safetensors header read (the format's own limit is 100 MB).
 _MAX_HEADER = 100_000_000
 
@@ -106,6 +98,15 @@ class ModelRef:
     the SFconvertbot safetensors conversion of a pickle-only hub repo; None otherwise."""
 
     @property
+    def type_info(self) -> families.ModelType:
+        """What `clipfeat.families` knows about this ``model_type``."""
+        return families.MODEL_TYPES[self.model_type]
+
+    @property
+    def family_info(self) -> families.Family:
+        return families.FAMILIES[self.family]
+
+    @property
     def hidden_size(self) -> int:
         return self._vision_int("hidden_size")
 
@@ -114,8 +115,18 @@ class ModelRef:
         return self._vision_int("num_hidden_layers")
 
     @property
-    def image_size(self) -> int:
+    def config_image_size(self) -> int:
+        """config.json's ``image_size``: what the position embeddings were made for."""
         return self._vision_int("image_size")
+
+    @cached_property
+    def image_size(self) -> int:
+        """The size (px, square) the tower is fed: config.json's ``image_size``, except for
+        DINOv2, whose processor crops (224) smaller than its config's pretraining size
+        (518) and whose model interpolates the position embeddings to what it is fed."""
+        if not self.family_info.sized_by_processor:
+            return self.config_image_size
+        return _processor_image_size(self)
 
     @property
     def patch_size(self) -> int:
@@ -123,35 +134,87 @@ class ModelRef:
 
     @property
     def intermediate_size(self) -> int:
-        return self._vision_int("intermediate_size")
+        """The MLP width of a block (DINOv2: from ``mlp_ratio``; SwiGLU: two thirds of that,
+        rounded up to a multiple of 8, as transformers builds it)."""
+        if self.family != "dinov2":
+            return self._vision_int("intermediate_size")
+        width = int(self.hidden_size * self.mlp_ratio)
+        if self.vision_dict.get("use_swiglu_ffn"):
+            width = (int(width * 2 / 3) + 7) // 8 * 8
+        return self._check_limit("intermediate_size", width)
+
+    @property
+    def mlp_ratio(self) -> float:
+        """DINOv2's MLP width over hidden size (config ``mlp_ratio``)."""
+        value = self.vision_dict.get("mlp_ratio", self.type_info.config_defaults.get("mlp_ratio"))
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ModelError(f"{self.local_dir / 'config.json'}: mlp_ratio is {value!r}, "
+                             "expected a positive number")
+        return value
 
     @property
     def num_channels(self) -> int:
         return self._vision_int("num_channels")
 
     @property
+    def num_registers(self) -> int:
+        """Register tokens after the CLS token (DINOv2 with registers; 0 otherwise)."""
+        if not self.type_info.registers:
+            return 0
+        return self._vision_int("num_register_tokens")
+
+    @property
     def vision_parameters(self) -> int:
         """Parameters of the vision tower config.json describes (what transformers builds:
-        ``CLIPVisionModel`` / ``SiglipVisionModel``), computed without building it."""
+        ``CLIPVisionModel`` / ``SiglipVisionModel`` / ``Dinov2Model`` ...), computed without
+        building it."""
         h, i = self.hidden_size, self.intermediate_size
         patch = self.num_channels * self.patch_size ** 2 * h  # the patch conv's weight
+        if self.family == "dinov2":
+            return self._dinov2_parameters(patch)
+        positions = (self.config_image_size // self.patch_size) ** 2
         block = 4 * (h * h + h) + (h * i + i) + (i * h + h) + 2 * 2 * h  # attn, mlp, 2 norms
         total = self.num_hidden_layers * block + 2 * h  # post_layernorm
         if self.family == "clip":  # class token, bias-free conv, positions incl. CLS, pre-norm
-            return total + h + patch + (self.num_patches + 1) * h + 2 * h
-        total += patch + h + self.num_patches * h
+            return total + h + patch + (positions + 1) * h + 2 * h
+        total += patch + h + positions * h
         if self.vision_dict.get("vision_use_head", True):  # attention-pooling head
             total += h + (3 * h * h + 3 * h) + (h * h + h) + 2 * h + (h * i + i) + (i * h + h)
         return total
 
+    def _dinov2_parameters(self, patch: int) -> int:
+        h, i, d = self.hidden_size, self.intermediate_size, self.vision_dict
+        positions = (self.config_image_size // self.patch_size) ** 2 + 1  # CLS included
+        tokens = h * (1 + self.num_registers)  # CLS, registers
+        if self.type_info.registers or d.get("use_mask_token", True):
+            tokens += h
+        embeddings = tokens + positions * h + patch + h  # the conv has a bias
+        attention = 3 * h * h + (3 * h if d.get("qkv_bias", True) else 0) + h * h + h
+        if d.get("use_swiglu_ffn"):  # gate and up (h -> i), down (i -> h), with biases
+            mlp = 2 * (h * i + i) + (i * h + h)
+        else:
+            mlp = (h * i + i) + (i * h + h)
+        block = 2 * 2 * h + attention + mlp + 2 * h  # 2 norms, 2 layer scales
+        return embeddings + self.num_hidden_layers * block + 2 * h  # final layernorm
+
     def _sizes(self) -> str:
         """The config values the parameter count follows, for messages."""
-        return ", ".join(f"{k} {self._vision_int(k):,}" for k in _VISION_LIMITS)
+        keys = ["num_hidden_layers", "hidden_size", "intermediate_size", "image_size",
+                "patch_size", "num_channels"]
+        if self.family == "dinov2":
+            keys[2] = "mlp_ratio"
+            keys += ["num_register_tokens"] if self.type_info.registers else []
+        return ", ".join(f"{k} {self._config_value(k):,}" for k in keys)
+
+    def _config_value(self, key: str) -> Any:
+        if key == "mlp_ratio":
+            return self.mlp_ratio
+        return self._vision_int(key)
 
     @property
     def has_cls_token(self) -> bool:
-        """CLIP prepends a class token; SigLIP has none."""
-        return self.family == "clip"
+        """CLIP and DINOv2 prepend a class token; SigLIP has none."""
+        return bool(self.family_info.cls_tokens)
 
     @property
     def num_patches(self) -> int:
@@ -160,15 +223,13 @@ class ModelRef:
     @property
     def is_full_checkpoint(self) -> bool:
         """True for a text+vision checkpoint (model_type clip/siglip)."""
-        return self.model_type in ("clip", "siglip")
+        return self.type_info.full
 
     @cached_property
     def vision_config(self) -> Any:
-        """The transformers ``CLIPVisionConfig`` / ``SiglipVisionConfig`` (imports transformers)."""
-        if self.family == "clip":
-            from transformers import CLIPVisionConfig as config_cls
-        else:
-            from transformers import SiglipVisionConfig as config_cls
+        """The transformers config of the tower (``CLIPVisionConfig``, ``Dinov2Config`` ...;
+        imports transformers)."""
+        config_cls = families.config_class(self.type_info)
         try:
             return config_cls.from_pretrained(str(self.local_dir), local_files_only=True)
         except Exception as err:  # any parse failure is a bad checkpoint
@@ -177,19 +238,42 @@ class ModelRef:
             ) from err
 
     def _vision_int(self, key: str) -> int:
-        value = self.vision_dict.get(key, _VISION_DEFAULTS[self.family][key])
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        value = self.vision_dict.get(key, self.type_info.config_defaults[key])
+        least = 0 if key == "num_register_tokens" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            kind = "a non-negative" if least == 0 else "a positive"
             raise ModelError(
                 f"{self.local_dir / 'config.json'}: vision {key} is {value!r}, "
-                "expected a positive integer"
+                f"expected {kind} integer"
             )
+        return self._check_limit(key, value)
+
+    def _check_limit(self, key: str, value: int) -> int:
         limit = _VISION_LIMITS.get(key)
         if limit is not None and value > limit:
             raise ModelError(
                 f"{self.local_dir / 'config.json'}: vision {key} is {value:,}, more than any "
-                f"CLIP/SigLIP tower has (at most {limit:,}); the config is damaged"
+                f"vision tower has (at most {limit:,}); the config is damaged"
             )
         return value
+
+
+def _processor_image_size(ref: ModelRef) -> int:
+    """The square size the checkpoint's own processor makes (DINOv2: its crop)."""
+    from clipfeat.errors import ConfigError
+    from clipfeat.preprocess import PreprocessSpec
+
+    path = ref.local_dir / "preprocessor_config.json"
+    try:
+        spec = PreprocessSpec.from_processor_config(
+            ref.preprocessor_config, family=ref.family, image_size=families.DINOV2_CROP)
+    except ConfigError as err:
+        raise ModelError(f"{path}: {err}") from err
+    if spec.out_height != spec.out_width:
+        key = "crop_size" if spec.do_center_crop else "size"
+        raise ModelError(f"{path}: {key} gives {spec.out_height}x{spec.out_width} px images; "
+                         "clipfeat feeds towers square images: make it square")
+    return ref._check_limit("image_size", spec.out_height)
 
 
 def resolve_model(
@@ -231,10 +315,10 @@ def resolve_model(
 
     raw = _read_json(local_dir / "config.json", name=name, required=True)
     model_type = raw.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    type_info = families.model_type(model_type)
+    if type_info is None:
         raise ModelError(_unsupported_message(name, model_type, raw))
-    family = SUPPORTED_MODEL_TYPES[model_type]
-    vision_dict = _vision_dict(raw, model_type)
+    vision_dict = _vision_dict(raw, type_info)
     preprocessor = _read_json(local_dir / "preprocessor_config.json", name=name, required=False)
     weights = _find_weights(local_dir, name=name, need_weights=need_weights,
                             allow_pickle=allow_pickle, from_hub=from_hub, revision=revision)
@@ -243,7 +327,7 @@ def resolve_model(
         local_dir=local_dir,
         revision=resolved_revision,
         model_type=model_type,
-        family=family,
+        family=type_info.family,
         preprocessor_config=preprocessor,
         weights_file=weights,
         vision_dict=vision_dict,
@@ -251,11 +335,13 @@ def resolve_model(
     )
     # Read the geometry now so a malformed config fails here, not half-way through a run,
     # and hold it against the weights before anything is built from it.
-    for key in _VISION_LIMITS:
+    for key in _GEOMETRY:
         getattr(ref, key)
     if ref.patch_size > ref.image_size:
+        where = ("the processor's output size" if ref.family_info.sized_by_processor
+                 else "image_size")
         raise ModelError(f"{local_dir / 'config.json'}: vision patch_size {ref.patch_size} is "
-                         f"larger than image_size {ref.image_size}; the config is damaged")
+                         f"larger than {where} {ref.image_size}; the config is damaged")
     if weights is not None:
         _check_weights_fit(ref, weights)
     logger.debug("resolved model %r -> %s (%s)", name, local_dir, model_type)
@@ -308,23 +394,28 @@ def _read_json(path: Path, *, name: str, required: bool) -> dict | None:
     return data
 
 
-def _vision_dict(raw: dict, model_type: str) -> dict:
-    if model_type in ("clip_vision_model", "siglip_vision_model"):
+def _vision_dict(raw: dict, type_info: families.ModelType) -> dict:
+    if not type_info.full:
         return raw
     # As CLIPVisionConfig/SiglipVisionConfig.from_pretrained do: the nested vision_config
     # (old openai/* configs also carry a vision_config_dict, which the vision model ignores).
     vision = raw.get("vision_config") or {}
     if not isinstance(vision, dict):
-        raise ModelError(f"config.json of model_type {model_type!r} has a malformed vision_config")
+        raise ModelError(f"config.json of model_type {type_info.name!r} has a malformed "
+                         "vision_config")
     return vision
 
 
 def _unsupported_message(name: str, model_type: Any, raw: dict) -> str:
     supported = ", ".join(SUPPORTED_MODEL_TYPES)
+    reason = families.unsupported_reason(model_type)
+    if reason is not None:
+        return f"model {name!r} has model_type {model_type!r}, {reason}"
     if model_type is None:
         msg = f"model {name!r} has no model_type in config.json"
     else:
-        msg = f"model {name!r} has model_type {model_type!r}, not a CLIP/SigLIP vision tower"
+        msg = (f"model {name!r} has model_type {model_type!r}, not a vision tower clipfeat "
+               "runs (CLIP, SigLIP, DINOv2)")
     msg += f" (supported: {supported})"
     tower = raw.get("mm_vision_tower") or raw.get("vision_tower")
     if isinstance(tower, str):
@@ -414,10 +505,12 @@ def _weight_files(weights: Path, *, name: str) -> list[Path]:
     return [weights.parent / str(f) for f in sorted(set(data["weight_map"].values()))]
 
 
-def _safetensors_vision_count(path: Path, *, vision_only: bool) -> int:
+def _safetensors_vision_count(path: Path, *, vision_only: bool,
+                              prefix: str = "vision_model.") -> int:
     """Elements of the vision tower's tensors in a safetensors file, from its header only:
-    those under ``vision_model.``, or in a vision-only checkpoint saved without that prefix
-    (as transformers 5 saves them) every tensor."""
+    those under ``prefix`` (``vision_model.``; DINOv2: ``dinov2.`` in a classifier's
+    checkpoint), or in a vision-only checkpoint saved without it (as transformers 5 saves
+    CLIP/SigLIP towers, and every DINOv2 backbone is saved) every tensor."""
     try:
         with open(path, "rb") as fh:
             size = int.from_bytes(fh.read(8), "little")
@@ -430,11 +523,11 @@ def _safetensors_vision_count(path: Path, *, vision_only: bool) -> int:
     if not isinstance(header, dict):
         raise ModelError(f"{path}: not a safetensors file (its header is not an object)")
     header.pop("__metadata__", None)
-    prefixed = any(key.startswith(_VISION_PREFIX) for key in header)
+    prefixed = any(key.startswith(prefix) for key in header)
     total = 0
     for key, info in header.items():
         # position_ids: a buffer that older checkpoints carry, not a parameter.
-        if (prefixed or not vision_only) and not key.startswith(_VISION_PREFIX) \
+        if (prefixed or not vision_only) and not key.startswith(prefix) \
                 or key.endswith("position_ids"):
             continue
         shape = info.get("shape") if isinstance(info, dict) else None
@@ -454,7 +547,8 @@ def _check_weights_fit(ref: ModelRef, weights: Path) -> None:
     files = _weight_files(weights, name=ref.name)
     config = ref.local_dir / "config.json"
     if all(f.name.endswith(".safetensors") for f in files):
-        found = sum(_safetensors_vision_count(f, vision_only=not ref.is_full_checkpoint)
+        found = sum(_safetensors_vision_count(f, vision_only=not ref.is_full_checkpoint,
+                                              prefix=ref.type_info.weights_prefix)
                     for f in files)
         if found != expected:
             held = (f"only {found:,} (the rest would be random)" if found < expected

@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, Union
 
+from clipfeat import families
 from clipfeat.config import ASPECTS, DEFAULT_MAX_PIXELS
 from clipfeat.errors import ConfigError, ModelError
 
@@ -54,14 +55,7 @@ __all__ = [
 ]
 
 
-FAMILIES = ("clip", "siglip")
-
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)
-IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)
-
-_BICUBIC = 3
+FAMILIES = tuple(families.FAMILIES)
 _SIZE_KEY_SETS = ({"shortest_edge"}, {"height", "width"})
 
 # Serialises the temporary change of Pillow's global pixel limit in load_image.
@@ -109,8 +103,7 @@ class PreprocessSpec:
     out_width: int
 
     def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
-            raise ConfigError(f"unknown model family {self.family!r}; expected one of {FAMILIES}")
+        families.family(self.family)
         if self.resize_mode not in ("shortest_edge", "exact"):
             raise ConfigError(
                 f"unsupported resize mode {self.resize_mode!r}; expected 'shortest_edge' or 'exact'"
@@ -134,28 +127,26 @@ class PreprocessSpec:
         """Build from a ``preprocessor_config.json`` dict, resolved like transformers does.
 
         Keys missing from ``cfg`` take the family's processor class defaults (as transformers
-        would); ``cfg=None`` means the family's defaults at ``image_size`` (CLIP: shortest edge +
-        centre crop to ``image_size``; SigLIP: plain resize to ``image_size`` squared).
+        would: `clipfeat.families.processor_defaults`; for DINOv2 those of BitImageProcessor,
+        which are CLIP's); ``cfg=None`` means the family's defaults at ``image_size``
+        (`clipfeat.families.missing_processor_config`: CLIP: shortest edge + centre crop to
+        ``image_size``; SigLIP: plain resize to ``image_size`` squared; DINOv2: its own
+        recipe, shortest edge 8/7 of ``image_size``, centre crop, ImageNet mean/std).
         """
-        if family not in FAMILIES:
-            raise ConfigError(f"unknown model family {family!r}; expected one of {FAMILIES}")
+        families.family(family)
         if not isinstance(image_size, int) or image_size < 1:
             raise ConfigError(f"image_size must be a positive integer, got {image_size!r}")
         if cfg is None:
-            if family == "clip":
-                cfg = {"size": {"shortest_edge": image_size},
-                       "crop_size": {"height": image_size, "width": image_size}}
-            else:
-                cfg = {"size": {"height": image_size, "width": image_size}}
+            cfg = families.missing_processor_config(family, image_size)
         elif not isinstance(cfg, dict):
             raise ConfigError(f"preprocessor config must be a dict, got {type(cfg).__name__}")
         return _spec_from_config(cfg, family)
 
     @classmethod
     def from_processor(cls, proc: Any) -> PreprocessSpec:
-        """Build from a transformers image processor instance (4.x or 5.x, CLIP or SigLIP)."""
-        name = type(proc).__name__.lower()
-        family = "siglip" if "siglip" in name else "clip"
+        """Build from a transformers image processor instance (4.x or 5.x; CLIP, SigLIP or
+        DINOv2's BitImageProcessor)."""
+        family = families.family_of_processor(type(proc).__name__)
         return _spec_from_config(proc.to_dict(), family)
 
     @classmethod
@@ -262,18 +253,7 @@ def _triple(value: Any, what: str) -> tuple[float, float, float]:
 
 
 def _spec_from_config(cfg: dict[str, Any], family: str) -> PreprocessSpec:
-    if family == "clip":
-        defaults: dict[str, Any] = {
-            "size": {"shortest_edge": 224}, "crop_size": {"height": 224, "width": 224},
-            "do_center_crop": True, "image_mean": OPENAI_CLIP_MEAN, "image_std": OPENAI_CLIP_STD,
-        }
-    else:
-        defaults = {
-            "size": {"height": 224, "width": 224}, "crop_size": None, "do_center_crop": False,
-            "image_mean": IMAGENET_STANDARD_MEAN, "image_std": IMAGENET_STANDARD_STD,
-        }
-    defaults.update(do_resize=True, resample=_BICUBIC, do_rescale=True, rescale_factor=1 / 255,
-                    do_normalize=True)
+    defaults = families.processor_defaults(family)
 
     def get(key: str) -> Any:
         value = cfg.get(key)
@@ -281,7 +261,7 @@ def _spec_from_config(cfg: dict[str, Any], family: str) -> PreprocessSpec:
 
     do_resize = bool(get("do_resize"))
     do_center_crop = bool(get("do_center_crop"))
-    # Both CLIP and SigLIP processors use default_to_square=False for `size`.
+    # Every family's processor (CLIP, SigLIP, Bit) uses default_to_square=False for `size`.
     size = _size_dict(get("size"), default_to_square=False, what="size")
     if "shortest_edge" in size:
         mode, shortest, rh, rw = "shortest_edge", size["shortest_edge"], None, None

@@ -8,8 +8,12 @@ here, so both build the same models the same way.
 Importing this module imports neither torch nor transformers (each function imports them
 when called) and has no side effects. Nothing here is used by extraction itself.
 
-* :func:`save_tiny_clip` / :func:`save_tiny_siglip`: a random CLIP (full text + vision, or
-  vision-only) or vision-only SigLIP checkpoint; vision sizes default to :data:`TINY_VISION`.
+* :func:`save_tiny_clip` / :func:`save_tiny_siglip`: a random CLIP or SigLIP checkpoint (full
+  text + vision, or vision-only); vision sizes default to :data:`TINY_VISION`. A full SigLIP
+  with bilinear resampling is saved as the fixed-resolution SigLIP2 checkpoints are.
+* :func:`save_tiny_dinov2`: a random DINOv2 (optionally with registers) with its
+  ``BitImageProcessor`` config, fed a smaller crop than its config's ``image_size`` (as the
+  real ones: 224 px crops of a 518 px model).
 * :func:`save_vitl336_config`: config.json + preprocessor_config.json of ViT-L/14-336 only.
 * :data:`TOWERS` and :func:`tower_checkpoint`: the benchmarks' named vision-only CLIP towers
   (``tiny336``, ``vitb32``, ``vitl336``), made once in a cache folder.
@@ -22,8 +26,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TINY_TEXT", "TINY_VISION", "TOWERS", "save_tiny_clip", "save_tiny_siglip",
-           "save_vitl336_config", "tower_checkpoint"]
+__all__ = ["TINY_TEXT", "TINY_VISION", "TOWERS", "save_tiny_clip", "save_tiny_dinov2",
+           "save_tiny_siglip", "save_vitl336_config", "tower_checkpoint"]
 
 #: The test suite's vision tower: 3 blocks of width 32, 30 px in 6 px patches (25 patches).
 TINY_VISION: dict[str, int] = dict(
@@ -57,15 +61,13 @@ _VITL_TEXT: dict[str, int] = dict(hidden_size=768, intermediate_size=3072, num_h
                                   num_attention_heads=12)
 
 
-def _processor(family: str, image_size: int) -> Any:
-    """The family's PIL image processor at ``image_size`` (CLIP: shortest edge + centre crop)."""
-    from clipfeat.tower import _processor_class
+def _processor(family: str, image_size: int, **overrides: Any) -> Any:
+    """The family's PIL image processor at ``image_size`` (CLIP: shortest edge + centre crop;
+    SigLIP: resize; DINOv2: its recipe, shortest edge 8/7 of the crop)."""
+    from clipfeat import families
 
-    cls = _processor_class(family)
-    if family == "clip":
-        return cls(size={"shortest_edge": image_size},
-                   crop_size={"height": image_size, "width": image_size})
-    return cls(size={"height": image_size, "width": image_size})
+    config = families.missing_processor_config(family, image_size)
+    return families.processor_class(family)(**dict(config, **overrides))
 
 
 def save_tiny_clip(path: str | Path, *, full: bool = False, image_size: int = 30,
@@ -90,19 +92,57 @@ def save_tiny_clip(path: str | Path, *, full: bool = False, image_size: int = 30
     return path
 
 
-def save_tiny_siglip(path: str | Path, *, image_size: int = 28, patch_size: int = 7,
-                     seed: int = 0, **vision: int) -> Path:
-    """A random vision-only SigLIP checkpoint (no CLS token) in ``path``, plus its PIL image
-    processor. ``vision`` overrides :data:`TINY_VISION`. Returns the folder."""
+def save_tiny_siglip(path: str | Path, *, full: bool = False, image_size: int = 28,
+                     patch_size: int = 7, resample: int = 3, seed: int = 0,
+                     **vision: int) -> Path:
+    """A random SigLIP checkpoint (no CLS token) in ``path``: vision-only
+    ("siglip_vision_model") or full (text + vision, ``model_type`` "siglip"), plus its PIL
+    image processor resizing with ``resample`` (PIL code; 3 bicubic). ``full=True,
+    resample=2`` is how transformers' conversion saved the fixed-resolution SigLIP2
+    checkpoints (``google/siglip2-so400m-patch14-384``: ``SiglipConfig``, a
+    ``SiglipImageProcessor`` with bilinear resampling). ``vision`` overrides
+    :data:`TINY_VISION`. Returns the folder."""
     import torch
-    from transformers import SiglipVisionConfig, SiglipVisionModel
+    from transformers import SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel
 
     path = Path(path)
     torch.manual_seed(seed)
-    cfg = SiglipVisionConfig(**dict(TINY_VISION, **vision, image_size=image_size,
-                                    patch_size=patch_size))
-    SiglipVisionModel(cfg).save_pretrained(path)
-    _processor("siglip", image_size).save_pretrained(path)
+    vcfg = dict(TINY_VISION, **vision, image_size=image_size, patch_size=patch_size)
+    if full:
+        SiglipModel(SiglipConfig(text_config=dict(TINY_TEXT), vision_config=vcfg)
+                    ).save_pretrained(path)
+    else:
+        SiglipVisionModel(SiglipVisionConfig(**vcfg)).save_pretrained(path)
+    _processor("siglip", image_size, resample=resample).save_pretrained(path)
+    return path
+
+
+def save_tiny_dinov2(path: str | Path, *, registers: int = 0, image_size: int = 28,
+                     patch_size: int = 7, crop_size: int = 21, resize: int | None = None,
+                     seed: int = 0, **vision: Any) -> Path:
+    """A random DINOv2 checkpoint in ``path`` (``Dinov2Model``, or with ``registers`` > 0
+    ``Dinov2WithRegistersModel``), plus a ``BitImageProcessor`` config as facebook/dinov2-*
+    have (shortest edge ``resize``, default 8/7 of the crop; centre crop ``crop_size``;
+    ImageNet mean/std). ``image_size`` is the config's (the position embeddings' size);
+    the processor's smaller crop makes the model interpolate them, as the real ones do (518
+    and 224). ``vision`` overrides :data:`TINY_VISION` (the MLP width as ``mlp_ratio``).
+    Returns the folder."""
+    import torch
+    import transformers
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    sizes = dict(TINY_VISION)
+    sizes["mlp_ratio"] = sizes.pop("intermediate_size") // sizes["hidden_size"]
+    sizes.update(vision, image_size=image_size, patch_size=patch_size)
+    if registers:
+        cfg = transformers.Dinov2WithRegistersConfig(num_register_tokens=registers, **sizes)
+        model = transformers.Dinov2WithRegistersModel(cfg)
+    else:
+        model = transformers.Dinov2Model(transformers.Dinov2Config(**sizes))
+    model.save_pretrained(path)
+    overrides = {} if resize is None else {"size": {"shortest_edge": resize}}
+    _processor("dinov2", crop_size, **overrides).save_pretrained(path)
     return path
 
 

@@ -6,21 +6,31 @@ CLIPVisionTower``), so importing this module does not import torch. The torch-fr
 
 Semantics honoured (LLaVA ``llava/model/multimodal_encoder/clip_encoder.py``):
 ``hidden_states`` has L+1 entries, ``[0]`` the embeddings (after ``pre_layrnorm`` for CLIP),
-``[i]`` the output of block i, ``[-1]`` the last block *without* ``post_layernorm``.
-``patch`` drops the CLS token (CLIP) and keeps every token for SigLIP, which has none;
-``cls_patch`` keeps all tokens (CLIP only).
+``[i]`` the output of block i, ``[-1]`` the last block *without* the final norm.
+``patch`` drops the CLS token (CLIP, DINOv2) and the registers (DINOv2 with registers), and
+keeps every token for SigLIP, which has none; ``cls_patch`` keeps CLS and the patches (not on
+SigLIP). The families and their token layouts are `clipfeat.families`; the class keeps
+LLaVA's name for every family.
+
+Several outputs from one forward: ``load_tower(model, layers=[...])`` (or ``layers=`` to the
+constructor) takes `clipfeat.outputs.LayerSel` selections; the model keeps the blocks the
+deepest needs, and `forward_outputs` returns one tensor per selection. A single layer comes
+out in the compute dtype; ``mean(A:B)`` is the mean of ``hidden_states[A:B]`` accumulated in
+float32 (returned float32); token selection comes after the mean.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from clipfeat.config import FEATURES
+from clipfeat import families
 from clipfeat.errors import ConfigError, ModelError
 from clipfeat.modelref import ModelRef, resolve_model
+from clipfeat.outputs import DEFAULT_LAYER, LayerSel, check_distinct, parse_layers
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -50,21 +60,13 @@ def resolve_layer(layer: Any, num_layers: int) -> int:
 
 def check_feature(feature: Any, family: str) -> str:
     """Validate a select_feature name for a model family; return it."""
-    if feature not in FEATURES:
-        raise ConfigError(
-            f"feature {feature!r} is not supported; choose one of: {', '.join(FEATURES)}"
-        )
-    if feature == "cls_patch" and family != "clip":
-        raise ConfigError(
-            f"feature 'cls_patch' needs a CLS token, which {family} towers do not have; "
-            "use --feature patch (it keeps every token)"
-        )
-    return feature
+    return families.check_feature(feature, family)
 
 
 def tokens_per_image(ref: ModelRef, feature: str) -> int:
-    """Tokens per image the tower returns for a feature (num_patches, +1 for CLIP cls_patch)."""
-    return ref.num_patches + (1 if ref.has_cls_token and feature == "cls_patch" else 0)
+    """Tokens per image the tower returns for a feature: ``num_patches``, plus the CLS token
+    for ``cls_patch`` (registers are never returned; see `clipfeat.families`)."""
+    return families.feature_tokens(ref.family, ref.num_patches, feature)
 
 
 def _torch_dtype(dtype: Any) -> Any:
@@ -97,27 +99,16 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _processor_class(family: str) -> Any:
-    """The PIL image processor class: *ImageProcessorPil on transformers 5, the plain one on 4.x."""
-    import transformers
-
-    base = "CLIPImageProcessor" if family == "clip" else "SiglipImageProcessor"
-    cls = getattr(transformers, base + "Pil", None)
-    return cls if cls is not None else getattr(transformers, base)
-
-
 def load_image_processor(ref: ModelRef) -> Any:
     """The checkpoint's own PIL image processor (class defaults sized to the model if absent)."""
-    cls = _processor_class(ref.family)
+    cls = families.processor_class(ref.family)
     if ref.preprocessor_config is None:
         size = ref.image_size
         logger.warning(
             "model %r has no preprocessor_config.json; using %s defaults at %d px",
             ref.name, cls.__name__, size,
         )
-        if ref.family == "clip":
-            return cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-        return cls(size={"height": size, "width": size})
+        return cls(**families.missing_processor_config(ref.family, size))
     try:
         with _quiet_transformers():
             return cls.from_pretrained(str(ref.local_dir), local_files_only=True)
@@ -129,18 +120,23 @@ def load_image_processor(ref: ModelRef) -> Any:
 
 
 class _TowerImpl:
-    """LLaVA-compatible CLIP/SigLIP vision tower that computes only up to the selected layer.
+    """LLaVA-compatible vision tower (CLIP, SigLIP, DINOv2) computing only what it returns.
 
     ``CLIPVisionTower(vision_tower, args, delay_load=False, *, device=None, dtype=None,
-    revision=None, allow_pickle=False)``: ``args`` has ``mm_vision_select_layer`` and optionally
-    ``mm_vision_select_feature`` ("patch" | "cls_patch"). ``vision_tower`` is a hub name or a
-    local checkpoint folder (full CLIP/SigLIP or vision-only). Layer and feature are checked at
-    construction; with ``delay_load`` only the configs are read.
+    revision=None, allow_pickle=False, model_ref=None, layers=None)``: ``args`` has
+    ``mm_vision_select_layer`` and optionally ``mm_vision_select_feature`` ("patch" |
+    "cls_patch"). ``vision_tower`` is a hub name or a local checkpoint folder (full CLIP/SigLIP,
+    vision-only, DINOv2 with or without registers). Layer and feature are checked at
+    construction; with ``delay_load`` only the configs are read. ``layers`` (a sequence of
+    `clipfeat.outputs.LayerSel` or their spellings, ``-2``, ``"mean(0:12)"``) asks for several
+    outputs at once and takes the place of ``mm_vision_select_layer``: ``select_layer`` is then
+    the first of them.
 
-    After ``load_model()`` the encoder blocks past the selected layer are dropped, so
+    After ``load_model()`` the encoder blocks past the deepest selected layer are dropped, so
     ``forward(images)`` returns exactly ``hidden_states[select_layer]`` of the full model
     (token-selected), at the cost of the blocks it needs. ``forward`` takes a ``(B,3,H,W)``
     tensor -> ``(B,P,D)``, or a list of ``(3,H,W)`` -> list of ``(1,P,D)``, in the input's dtype.
+    `forward_outputs` returns every selection from one forward.
     """
 
     def __init__(
@@ -154,16 +150,17 @@ class _TowerImpl:
         revision: str | None = None,
         allow_pickle: bool = False,
         model_ref: ModelRef | None = None,
+        layers: Sequence[Any] | None = None,
     ) -> None:
         super().__init__()
         self.is_loaded = False
         self.vision_tower_name = vision_tower
-        if not hasattr(args, "mm_vision_select_layer"):
+        if layers is None and not hasattr(args, "mm_vision_select_layer"):
             raise ConfigError(
                 "args has no mm_vision_select_layer; set it to the hidden layer to select "
                 "(LLaVA-1.5 uses -2)"
             )
-        self.select_layer = args.mm_vision_select_layer
+        self.select_layer = getattr(args, "mm_vision_select_layer", None)
         self.select_feature = getattr(args, "mm_vision_select_feature", "patch")
         self._device = device
         self._dtype = _torch_dtype(dtype)
@@ -172,12 +169,26 @@ class _TowerImpl:
         self._logged_loaded = False
         self.vision_tower = None
         self._image_processor = None
+        self._block_args: tuple[None, ...] = ()
 
         # A caller that already resolved the model (extract, verify) passes its ModelRef.
         self.model_ref = model_ref if model_ref is not None else resolve_model(
             vision_tower, revision=revision, need_weights=not delay_load,
             allow_pickle=allow_pickle)
-        self.select_layer_index = resolve_layer(self.select_layer, self.model_ref.num_hidden_layers)
+        num_layers = self.model_ref.num_hidden_layers
+        if layers is None:
+            index = resolve_layer(self.select_layer, num_layers)
+            self.selections: tuple[LayerSel, ...] = (LayerSel(self.select_layer),)
+            self.layer_indices: tuple[tuple[int, ...], ...] = ((index,),)
+        else:
+            self.selections = parse_layers(layers)
+            check_distinct(self.selections, num_layers, model=vision_tower)
+            self.layer_indices = tuple(s.indices(num_layers) for s in self.selections)
+            self.select_layer = self.selections[0].attr_value()
+        #: hidden_states index of the first selection (of its deepest state, for a mean)
+        self.select_layer_index = max(self.layer_indices[0])
+        #: encoder blocks the selections need (kept when the model loads)
+        self.num_blocks_needed = max(max(ix) for ix in self.layer_indices)
         check_feature(self.select_feature, self.model_ref.family)
 
         if not delay_load:
@@ -188,7 +199,8 @@ class _TowerImpl:
     # -- loading ---------------------------------------------------------------------------
 
     def load_model(self, device_map: Any = None) -> None:
-        """Load the image processor and the vision model, truncated after the selected layer."""
+        """Load the image processor and the vision model, truncated after the deepest
+        selected layer."""
         if self.is_loaded:
             if not self._logged_loaded:
                 logger.info("%s is already loaded, `load_model` called again, skipping.",
@@ -201,10 +213,7 @@ class _TowerImpl:
             ref = resolve_model(self.vision_tower_name, revision=self._revision,
                                 need_weights=True, allow_pickle=self._allow_pickle)
             self.model_ref = ref
-        if ref.family == "clip":
-            from transformers import CLIPVisionModel as model_cls
-        else:
-            from transformers import SiglipVisionModel as model_cls
+        model_cls = families.model_class(ref.type_info)
         kwargs: dict[str, Any] = {
             "local_files_only": True,
             "output_loading_info": True,
@@ -230,15 +239,19 @@ class _TowerImpl:
             )
         model.requires_grad_(False)
         model.eval()
-        # Blocks past the selected layer are never needed: drop them (memory and compute).
-        encoder = getattr(model, "vision_model", model).encoder  # 4.x nests it
-        encoder.layers = encoder.layers[: self.select_layer_index]
+        # Blocks past the deepest selected layer are never needed: drop them (memory, compute).
+        encoder = getattr(model, "vision_model", model).encoder  # 4.x nests CLIP/SigLIP in it
+        attr = ref.family_info.blocks_attr
+        blocks = getattr(encoder, attr)
+        if len(blocks):
+            self._block_args = _required_arguments(blocks[0])
+        setattr(encoder, attr, blocks[: self.num_blocks_needed])
         if device_map is None and (self._device is not None or self._dtype is not None):
             model.to(device=self._device, dtype=self._dtype)
         self.vision_tower = model
         self.is_loaded = True
         logger.debug("loaded %s (%s), kept %d of %d blocks", ref.name, ref.model_type,
-                     self.select_layer_index, ref.num_hidden_layers)
+                     self.num_blocks_needed, ref.num_hidden_layers)
 
     @property
     def image_processor(self) -> Any:
@@ -257,30 +270,56 @@ class _TowerImpl:
 
     # -- forward -----------------------------------------------------------------------------
 
-    def _select_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.select_feature == "patch" and self.model_ref.has_cls_token:
-            return hidden[:, 1:]
-        return hidden
-
     def feature_select(self, image_forward_outs: Any) -> torch.Tensor:
-        """Pick ``hidden_states[select_layer]`` and the tokens of the selected feature."""
-        hidden = image_forward_outs.hidden_states[self.select_layer_index]
-        return self._select_tokens(hidden)
+        """Pick ``hidden_states[select_layer]`` (the mean, for a ``mean(A:B)`` first
+        selection) and the tokens of the selected feature."""
+        states = image_forward_outs.hidden_states
+        hidden = None
+        for k in self.layer_indices[0]:
+            hidden = _take(hidden, states[k], mean=self.selections[0].mean)
+        return self._finish(hidden, self.selections[0], len(self.layer_indices[0]))
 
     def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B,3,H,W) pixels already on the tower's device/dtype -> (B, tokens, hidden)."""
+        """(B,3,H,W) pixels already on the tower's device/dtype -> (B, tokens, hidden) of the
+        first (or only) selection, running only the blocks it needs."""
+        return self._compute(pixel_values, (0,))[0]
+
+    def forward_outputs(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """(B,3,H,W) pixels already on the tower's device/dtype -> one (B, tokens, hidden)
+        tensor per selection, in order, from one forward: single layers in the compute dtype,
+        means in float32."""
+        return self._compute(pixel_values, range(len(self.selections)))
+
+    def _compute(self, pixel_values: torch.Tensor, which: Sequence[int]) -> list[torch.Tensor]:
         import torch
 
         self._require_loaded()
+        wanted = [(self.selections[j], self.layer_indices[j]) for j in which]
+        readers: dict[int, list[int]] = {}  # hidden-state index -> the outputs reading it
+        for pos, (_, indices) in enumerate(wanted):
+            for k in indices:
+                readers.setdefault(k, []).append(pos)
+        outs: list[Any] = [None] * len(wanted)
         inner = self._inner
         with torch.no_grad():
             hidden = inner.embeddings(pixel_values)
-            pre = getattr(inner, "pre_layrnorm", None)  # CLIP only
-            if pre is not None:
-                hidden = pre(hidden)
-            if self.select_layer_index > 0:
-                hidden = inner.encoder(inputs_embeds=hidden)[0]
-            return self._select_tokens(hidden)
+            if self.model_ref.family_info.pre_layrnorm:
+                hidden = inner.pre_layrnorm(hidden)
+            blocks = getattr(inner.encoder, self.model_ref.family_info.blocks_attr)
+            for k in range(max(readers) + 1):
+                if k:
+                    out = blocks[k - 1](hidden, *self._block_args)
+                    hidden = out[0] if isinstance(out, tuple) else out  # 4.x: a tuple
+                for pos in readers.get(k, ()):
+                    outs[pos] = _take(outs[pos], hidden, mean=wanted[pos][0].mean)
+            return [self._finish(out, sel, len(indices))
+                    for out, (sel, indices) in zip(outs, wanted, strict=True)]
+
+    def _finish(self, hidden: torch.Tensor, sel: LayerSel, count: int) -> torch.Tensor:
+        """A mean's division (its ``count`` states summed in float32), then the tokens."""
+        if sel.mean:
+            hidden = hidden.div_(count)
+        return families.select_tokens(hidden, self.select_feature, self.model_ref)
 
     def forward(self, images: Any) -> Any:
         """A (B,3,H,W) tensor -> (B,P,D); a list of (3,H,W) -> list of (1,P,D); input dtype kept."""
@@ -350,10 +389,10 @@ class _TowerImpl:
 
     @property
     def num_layers_kept(self) -> int:
-        """Encoder blocks the loaded model holds: :attr:`select_layer_index`, since the blocks
-        past the selected layer are dropped when it loads (counted on the model itself)."""
+        """Encoder blocks the loaded model holds: :attr:`num_blocks_needed`, since the blocks
+        past the deepest selected layer are dropped when it loads (counted on the model)."""
         self._require_loaded()
-        return len(self._inner.encoder.layers)
+        return len(getattr(self._inner.encoder, self.model_ref.family_info.blocks_attr))
 
     @property
     def family(self) -> str:
@@ -364,6 +403,11 @@ class _TowerImpl:
         return self.model_ref.has_cls_token
 
     @property
+    def num_registers(self) -> int:
+        """Register tokens in the model's hidden states (never returned)."""
+        return self.model_ref.num_registers
+
+    @property
     def cfg_only(self) -> Any:
         """The vision config read without weights (LLaVA's name)."""
         return self.model_ref.vision_config
@@ -372,6 +416,26 @@ class _TowerImpl:
     def _inner(self) -> Any:
         # transformers 5 puts embeddings/encoder on the model; 4.x nests them in .vision_model
         return getattr(self.vision_tower, "vision_model", self.vision_tower)
+
+
+def _take(acc: Any, hidden: torch.Tensor, *, mean: bool) -> torch.Tensor:
+    """One hidden state into an output: the state itself, or added to a float32 sum."""
+    import torch
+
+    if not mean:
+        return hidden
+    if acc is None:  # a copy: the sum is updated in place, the state feeds the next block
+        return hidden.to(torch.float32, copy=True)
+    return acc.add_(hidden.to(torch.float32))
+
+
+def _required_arguments(block: Any) -> tuple[None, ...]:
+    """None for each argument after the hidden states that a block's forward requires
+    (transformers 4.x CLIP blocks take attention and causal masks, 5.x CLIP one mask,
+    DINOv2 none): the blocks are run one by one, without masks, as the encoders do."""
+    params = list(inspect.signature(block.forward).parameters.values())[1:]
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return (None,) * sum(1 for p in params if p.kind in positional and p.default is p.empty)
 
 
 def _build_tower_class() -> type:
@@ -387,7 +451,8 @@ def _build_tower_class() -> type:
 def load_tower(
     model: str,
     *,
-    layer: int,
+    layers: Sequence[LayerSel] | None = None,
+    layer: int = DEFAULT_LAYER,
     feature: str = "patch",
     revision: str | None = None,
     allow_pickle: bool = False,
@@ -395,15 +460,19 @@ def load_tower(
     dtype: Any = None,
     model_ref: ModelRef | None = None,
 ) -> Any:
-    """A loaded `CLIPVisionTower` of ``model`` truncated after ``layer``, on ``device`` in
-    ``dtype``: the one loader that extract and verify share (``model_ref``: the already
-    resolved model, so it is not resolved again)."""
+    """A loaded `CLIPVisionTower` of ``model`` on ``device`` in ``dtype``: the one loader that
+    extract and verify share (``model_ref``: the already resolved model, so it is not
+    resolved again).
+
+    ``layers`` (selections, see `clipfeat.outputs`) asks for several outputs, read with
+    ``tower.forward_outputs``; the model keeps the blocks the deepest needs. Without it the
+    tower is truncated after ``layer``, as LLaVA's is."""
     from types import SimpleNamespace
 
     args = SimpleNamespace(mm_vision_select_layer=layer, mm_vision_select_feature=feature)
     tower = _tower_class()(model, args, delay_load=True, revision=revision,
                            allow_pickle=allow_pickle, device=device, dtype=dtype,
-                           model_ref=model_ref)
+                           model_ref=model_ref, layers=layers)
     tower.load_model()
     return tower
 
@@ -414,8 +483,8 @@ def build_vision_tower(vision_tower_cfg: Any, **kwargs: Any) -> Any:
                    getattr(vision_tower_cfg, "vision_tower", None))
     if not isinstance(name, str) or not name:
         raise ConfigError(
-            f"unknown vision tower {name!r}: set mm_vision_tower to a CLIP/SigLIP hub name or "
-            "checkpoint folder"
+            f"unknown vision tower {name!r}: set mm_vision_tower to a CLIP/SigLIP/DINOv2 hub "
+            "name or checkpoint folder"
         )
     return _tower_class()(name, args=vision_tower_cfg, **kwargs)
 

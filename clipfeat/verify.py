@@ -2,8 +2,9 @@
 
 Checks, each problem naming the file: manifest.json present and parseable; every listed
 shard exists, has the size the manifest recorded and opens; no finished shard missing
-from the manifest; ``features``/``keys``/``failures`` agree with each other, with the
-manifest and with the shard's attributes; settings agree across shards and with the
+from the manifest; ``features`` (every ``features/NAME`` of a several-output store, each
+against its own attributes and its entry in manifest.json's ``outputs``), ``keys`` and
+``failures`` agree with each other, with the manifest and with the shard's attributes; settings agree across shards and with the
 manifest config; keys unique across shards; the whole-file checksum in each shard's user
 block still matches (catches truncation and a flipped byte anywhere, raw float data
 included); failures.jsonl parses; the key index matches the checksums its header records and points
@@ -20,9 +21,10 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from clipfeat.errors import ClipfeatError, ConfigError, StoreError
+from clipfeat.outputs import FEATURES_DATASET, tower_slug
 from clipfeat.store import (
     FAILURES,
     MANIFEST,
@@ -35,8 +37,11 @@ from clipfeat.store import (
     ShardInfo,
     check_index,
     check_shard_bytes,
+    config_output,
+    dataset_paths,
     decode_attr,
     encode_attr,
+    entry_attrs,
     is_store,
     key_bytes,
     key_hash,
@@ -46,6 +51,7 @@ from clipfeat.store import (
     parse_shard_id,
     planned_chunks,
     read_manifest,
+    read_shard_row,
     seq_sha256,
     shard_checksum,
 )
@@ -171,7 +177,23 @@ def _report_shard(res: _ShardResult, report: VerifyReport) -> None:
     report.problems.append(prefix + "; ".join(texts) + fix)
 
 
-def _check_shard(out: Path, name: str, entry: dict | None, config: dict) -> _ShardResult:
+@dataclass
+class _Expected:
+    """What manifest.json says every shard holds: the run's config and the outputs it lists
+    (None where it lists none: a one-output store of an earlier clipfeat, or no manifest)."""
+
+    config: dict
+    outputs: list[dict] | None = None
+
+    def output_entry(self, dataset: str) -> dict:
+        """The manifest entry of the output in ``dataset`` ({} when not listed)."""
+        for e in self.outputs or ():
+            if e.get("dataset") == dataset:
+                return e
+        return {}
+
+
+def _check_shard(out: Path, name: str, entry: dict | None, expected: _Expected) -> _ShardResult:
     res = _ShardResult(name)
     problems = res.findings
     path = out / name
@@ -203,7 +225,7 @@ def _check_shard(out: Path, name: str, entry: dict | None, config: dict) -> _Sha
         return res
     try:
         with f:
-            _check_contents(f, name, sid, entry, config, intact, res, problems)
+            _check_contents(f, name, sid, entry, expected, intact, res, problems)
     except Exception as err:  # noqa: BLE001 - h5py raises many types for damaged files
         problems.append(f"{name}: damaged HDF5 structure ({type(err).__name__}: "
                         f"{_first_line(err)}); delete it and rerun the extract command to "
@@ -211,26 +233,66 @@ def _check_shard(out: Path, name: str, entry: dict | None, config: dict) -> _Sha
     return res
 
 
-def _check_contents(f, name: str, sid: int | None, entry: dict | None, config: dict,
-                    intact: bool, res: _ShardResult, problems: list[str]) -> None:
-    attrs = {k: decode_attr(v) for k, v in f.attrs.items()}
-    missing = [d for d in ("features", "keys") if d not in f]
+def _feature_datasets(f, name: str, attrs: dict, expected: _Expected,
+                      problems: list[str]) -> list[str] | None:
+    """The shard's feature datasets in output order, present and as manifest.json lists
+    them; None (with the problem) when they are not."""
+    try:
+        paths = dataset_paths(attrs)
+    except ValueError as err:
+        problems.append(f"{name}: {err}")
+        return None
+    if expected.outputs is not None:
+        listed = [e.get("dataset") for e in expected.outputs]
+        if listed != paths:
+            problems.append(f"{name}: holds the feature datasets {paths} but manifest.json "
+                            f"lists the outputs {listed}; {REDO}")
+            return None
+    missing = [d for d in paths + ["keys"] if d not in f]
     if missing:
         problems.append(f"{name}: dataset(s) {missing} missing")
+        return None
+    return paths
+
+
+def _check_contents(f, name: str, sid: int | None, entry: dict | None, expected: _Expected,
+                    intact: bool, res: _ShardResult, problems: list[str]) -> None:
+    attrs = {k: decode_attr(v) for k, v in f.attrs.items()}
+    paths = _feature_datasets(f, name, attrs, expected, problems)
+    if paths is None:
         return
-    ds, kds = f["features"], f["keys"]
-    if ds.ndim != 3 or kds.ndim != 1:
-        problems.append(f"{name}: features shape {ds.shape} / keys shape {kds.shape} "
-                        "are not (n, tokens, hidden) / (n,)")
+    kds = f["keys"]
+    datasets = [f[p] for p in paths]
+    if kds.ndim != 1 or any(ds.ndim != 3 for ds in datasets):
+        shapes = " / ".join(f"{p} shape {ds.shape}" for p, ds in zip(paths, datasets,
+                                                                     strict=True))
+        problems.append(f"{name}: {shapes} / keys shape {kds.shape} are not (n, tokens, "
+                        "hidden) / (n,)")
         return
-    n = int(ds.shape[0])
+    n = int(datasets[0].shape[0])
     res.rows = n
+    for p, ds in zip(paths[1:], datasets[1:], strict=True):
+        if int(ds.shape[0]) != n:
+            problems.append(f"{name}: {p} has {ds.shape[0]} rows but {paths[0]} {n}")
     _check_row_counts(name, sid, entry, attrs, n, kds.shape[0], problems)
-    _check_layout(name, ds, attrs, config, problems)
+    settings = {k: v for k, v in attrs.items() if k not in PER_SHARD_ATTRS}
+    for p, ds in zip(paths, datasets, strict=True):
+        if len(paths) == 1:  # one output: its attributes are the root's
+            _check_layout(name, ds, attrs, expected.config, problems)
+            continue
+        own = {k: decode_attr(v) for k, v in ds.attrs.items()}
+        listed = expected.output_entry(p)
+        _check_layout(name, ds, dict(own, store_dtype=attrs.get("store_dtype")),
+                      dict(listed, store_dtype=expected.config.get("store_dtype")), problems, p,
+                      "manifest.json outputs entry")
+        settings.update({f"{p}:{k}": v for k, v in own.items()})
     _check_keys(name, kds, attrs, res, problems)
     _check_failure_records(f, name, entry, attrs, problems)
-    res.readable = _check_rows(name, ds, 0 if intact else n, problems)
-    res.settings = {k: v for k, v in attrs.items() if k not in PER_SHARD_ATTRS}
+    res.readable = all([
+        _check_rows(name, ds, 0 if intact else n, problems,
+                    f" of {p}" if len(paths) > 1 else "")
+        for p, ds in zip(paths, datasets, strict=True)])
+    res.settings = settings
 
 
 def _check_row_counts(name: str, sid: int | None, entry: dict | None, attrs: dict, n: int,
@@ -248,23 +310,26 @@ def _check_row_counts(name: str, sid: int | None, entry: dict | None, attrs: dic
                         "the file name")
 
 
-def _check_layout(name: str, ds, attrs: dict, config: dict, problems: list[str]) -> None:
-    """Tokens, hidden size and dtype of the features against the attributes and config."""
+def _check_layout(name: str, ds, attrs: dict, config: dict, problems: list[str],
+                  label: str = "features", listed_as: str = "manifest config") -> None:
+    """Tokens, hidden size and dtype of the features dataset ``label`` against the
+    attributes and the manifest's record (``listed_as``) that describe it."""
     import numpy as np
 
     tokens, hidden = int(ds.shape[1]), int(ds.shape[2])
     dtype_name = {np.dtype("float16"): "float16", np.dtype("float32"): "float32"}.get(
         ds.dtype, str(ds.dtype))
-    for label, have, keys in (("tokens", tokens, ("tokens",)),
-                              ("hidden size", hidden, ("hidden_size",)),
-                              ("dtype", dtype_name, ("store_dtype",))):
-        for src_name, src in (("attribute", attrs), ("manifest config", config)):
+    dataset = label
+    for what, have, keys in (("tokens", tokens, ("tokens",)),
+                             ("hidden size", hidden, ("hidden_size",)),
+                             ("dtype", dtype_name, ("store_dtype",))):
+        for src_name, src in (("attribute", attrs), (listed_as, config)):
             for k in keys:
                 if k in src and src[k] is not None and src[k] != have:
-                    problems.append(f"{name}: features have {label} {have} but the "
+                    problems.append(f"{name}: {dataset} have {what} {have} but the "
                                     f"{src_name} {k} is {src[k]!r}")
     if dtype_name not in STORE_DTYPES:
-        problems.append(f"{name}: features dtype {ds.dtype} is not float16/float32")
+        problems.append(f"{name}: {dataset} dtype {ds.dtype} is not float16/float32")
 
 
 def _check_keys(name: str, kds, attrs: dict, res: _ShardResult, problems: list[str]) -> None:
@@ -307,9 +372,9 @@ def _check_failure_records(f, name: str, entry: dict | None, attrs: dict,
                         f"{entry.get('num_failures')}")
 
 
-def _check_rows(name: str, ds, scan: int, problems: list[str]) -> bool:
+def _check_rows(name: str, ds, scan: int, problems: list[str], where: str = "") -> bool:
     """The first ``scan`` feature rows readable and finite, in memory-bounded blocks;
-    False if a block could not be read."""
+    False if a block could not be read. ``where`` names the output in messages."""
     import numpy as np
     import torch
 
@@ -323,7 +388,7 @@ def _check_rows(name: str, ds, scan: int, problems: list[str]) -> bool:
         try:
             data = np.ascontiguousarray(ds[start:stop])
         except (OSError, ValueError, KeyError, RuntimeError) as err:
-            problems.append(f"{name}: rows {start}..{stop - 1} unreadable "
+            problems.append(f"{name}: rows {start}..{stop - 1}{where} unreadable "
                             f"({_first_line(err)}); delete it and rerun to redo it")
             readable = False
             break
@@ -335,12 +400,15 @@ def _check_rows(name: str, ds, scan: int, problems: list[str]) -> bool:
                 bad_rows.extend(start + int(i) for i in torch.nonzero(~finite).flatten())
     if bad_rows:
         listed = ", ".join(str(r) for r in bad_rows[:MAX_LISTED])
-        problems.append(f"{name}: NaN/Inf in {len(bad_rows)} rows ({listed}"
+        problems.append(f"{name}: NaN/Inf in {len(bad_rows)} rows{where} ({listed}"
                         f"{', ...' if len(bad_rows) > MAX_LISTED else ''})")
     return readable
 
 
-def _check_settings(results: list[_ShardResult], config: dict, problems: list[str]) -> None:
+def _check_settings(results: list[_ShardResult], expected: _Expected,
+                    problems: list[str]) -> None:
+    """Settings alike in every shard, and as manifest.json records them (its config, and
+    each output's entry; an output's attributes are the settings ``DATASET:NAME``)."""
     ref = next((r for r in results if r.settings is not None), None)
     if ref is None:
         return
@@ -354,10 +422,14 @@ def _check_settings(results: list[_ShardResult], config: dict, problems: list[st
             problems.append(f"{res.name}: attribute {k}={res.settings.get(k)!r} differs from "
                             f"{ref.name} ({ref.settings.get(k)!r})"
                             + (f" and {len(diff) - 1} more" if len(diff) > 1 else ""))
-    for k in sorted(set(ref.settings) & set(config)):
-        if not _same_setting(ref.settings[k], config[k]):
+    for k in sorted(ref.settings):
+        path, _, attr = k.rpartition(":")  # attribute names hold no ':', dataset paths may
+        listed = expected.output_entry(path) if path else expected.config
+        if attr in listed and attr not in (("tokens", "hidden_size") if path else ()) and (
+                not _same_setting(ref.settings[k], listed[attr])):
+            where = "its entry in manifest.json outputs" if path else "manifest.json config"
             problems.append(f"{ref.name}: attribute {k}={ref.settings[k]!r} differs from "
-                            f"manifest.json config ({config[k]!r})")
+                            f"{where} ({listed[attr]!r})")
 
 
 def _check_duplicates(out: Path, results: list[_ShardResult], problems: list[str]) -> None:
@@ -424,8 +496,14 @@ def _check_failures_file(out: Path, man: dict | None, problems: list[str]) -> No
 
 
 def _sample(out: Path, report: VerifyReport, entries: list[dict], config: dict, *,
-            model: str, sample: int, device: str, seed: int, allow_pickle: bool) -> None:
+            output: dict, model: str, sample: int, device: str, seed: int,
+            allow_pickle: bool) -> None:
+    """Re-extract ``sample`` random rows of ``output`` (its manifest entry: name, dataset)
+    with ``model`` and the settings ``config`` (that output's), and compare."""
     import numpy as np
+
+    several = output.get("dataset") != FEATURES_DATASET
+    of = f" of output {output['name']}" if several else ""
 
     counts = [int(e.get("num_rows", 0)) for e in entries]
     total = sum(counts)
@@ -440,11 +518,11 @@ def _sample(out: Path, report: VerifyReport, entries: list[dict], config: dict, 
         idx = int(np.searchsorted(starts, p, side="right")) - 1
         name, r = entries[idx]["file"], p - int(starts[idx])
         try:
-            with open_shard(out / name) as f:
-                key = key_str(f["keys"][r])
-                stored = np.asarray(f["features"][r], dtype=np.float32)
+            key, row = read_shard_row(out / name, r, output["dataset"])
+            stored = np.asarray(row, dtype=np.float32)
         except (OSError, KeyError, ValueError, RuntimeError) as err:
-            report.problems.append(f"{name}: cannot read sampled row {r} ({_first_line(err)})")
+            report.problems.append(f"{name}: cannot read sampled row {r}{of} "
+                                   f"({_first_line(err)})")
             continue
         chosen.append((key, name, stored))
     from clipfeat.plan import find_sources, plan_path
@@ -483,16 +561,17 @@ def _sample(out: Path, report: VerifyReport, entries: list[dict], config: dict, 
         worst = err if worst is None else max(worst, err)
         if not err <= tol:
             report.problems.append(
-                f"{name}: {key!r} differs from a fresh extraction with {model} (relative error "
+                f"{name}: {key!r}{of} differs from a fresh extraction with {model} (relative error "
                 f"{err:.2e} > {tol:.0e}; max abs diff {float(np.abs(stored - ref).max()):.3g}): "
                 "made with another model, layer or preprocessing?")
-    report.max_sample_error = worst
+    if worst is not None:
+        report.max_sample_error = max(worst, report.max_sample_error or 0.0)
     for fresh_shape, stored_shape in shapes.items():  # one tower, so one shape: once
         report.sample_mismatch = (f"shape mismatch: {model} gives {_shape(fresh_shape)}, "
-                                  f"the store holds {_shape(stored_shape)}")
+                                  f"the store{of} holds {_shape(stored_shape)}")
         report.problems.append(
             f"re-extracting with --model {model} gives features of shape "
-            f"{_shape(fresh_shape)} but the store holds {_shape(stored_shape)}: it was made "
+            f"{_shape(fresh_shape)} but the store{of} holds {_shape(stored_shape)}: it was made "
             f"with another model or --feature (manifest.json: model "
             f"{config.get('model', '?')}, feature {config.get('feature', '?')})")
 
@@ -544,8 +623,36 @@ def _check_manifest_listing(man: dict, on_disk: dict[int, Path], complete: bool,
     return stray
 
 
+def _sampled_outputs(expected: _Expected, models: Sequence[str], report: VerifyReport
+                     ) -> list[tuple[dict, dict, str]]:
+    """(manifest entry, settings, model) of each output the ``--model`` values re-extract.
+    A store of one tower: every output, with the one ``--model`` (another tower shows as a
+    mismatch). Several towers: each output with the ``--model`` of the same name
+    (`tower_slug`); the outputs of a tower no ``--model`` names are noted, not sampled."""
+    outputs = expected.outputs or [config_output(expected.config)]
+    metas = [(o, {**expected.config, **entry_attrs(o)}) if len(outputs) > 1
+             else (o, expected.config) for o in outputs]
+    towers = list(dict.fromkeys(str(m.get("model")) for _, m in metas))
+    if len(towers) == 1 and len(models) == 1:
+        return [(o, m, models[0]) for o, m in metas]
+    by_slug = {tower_slug(m): m for m in models}
+    picked = []
+    for o, m in metas:
+        model = by_slug.get(tower_slug(str(m.get("model"))))
+        if model is None:
+            report.notes.append(f"output {o['name']}: not re-extracted (no --model names its "
+                                f"tower {m.get('model')})")
+        else:
+            picked.append((o, m, model))
+    unused = [m for m in models if m not in {p[2] for p in picked}]
+    for m in unused:
+        report.notes.append(f"--model {m} names no tower of the store (towers: "
+                            f"{', '.join(towers)}); not used")
+    return picked
+
+
 def _note_unfinished(out: Path, man: dict | None, complete: bool, entries: list[dict],
-                     report: VerifyReport) -> None:
+                     expected: _Expected, report: VerifyReport) -> None:
     """Notes on leftovers of an interrupted run, an incomplete store, a stale key index."""
     partials = [p for p in os.listdir(out)
                 if p.startswith(SHARD_PREFIX) and p.endswith(PARTIAL_SUFFIX)]
@@ -566,7 +673,8 @@ def _note_unfinished(out: Path, man: dict | None, complete: bool, entries: list[
         if len(shards) != len(man["shards"]):
             return
         try:
-            index_problems = check_index(out, shards)
+            index_problems = check_index(out, shards, datasets=[
+                o["dataset"] for o in expected.outputs or [config_output(expected.config)]])
         except StoreError:  # a shard that cannot be read: reported with the shard
             return
         if index_problems is None:
@@ -579,7 +687,7 @@ def _note_unfinished(out: Path, man: dict | None, complete: bool, entries: list[
 def verify_store(
     out_dir: str | os.PathLike,
     *,
-    model: str | None = None,
+    model: str | Sequence[str] | None = None,
     sample: int = 0,
     device: str = "cpu",
     seed: int = 0,
@@ -607,6 +715,7 @@ def verify_store(
         problems.append(f"{MANIFEST}: {err}".replace(f"{out / MANIFEST}: ", ""))
         man = None
     config = dict((man or {}).get("config") or {})
+    expected = _Expected(config, (man or {}).get("outputs"))
     complete = bool((man or {}).get("complete"))
     on_disk = list_shard_files(out)
 
@@ -621,25 +730,26 @@ def verify_store(
     by_name = {e["file"]: e for e in entries}
     results: list[_ShardResult] = []
     for name in names:
-        res = _check_shard(out, name, by_name.get(name), config)
+        res = _check_shard(out, name, by_name.get(name), expected)
         _report_shard(res, report)
         results.append(res)
         report.checked_shards += 1
         report.checked_rows += res.rows
     after_shards = len(problems)
-    _check_settings(results, config, problems)
+    _check_settings(results, expected, problems)
     _check_duplicates(out, results, problems)
     _check_failures_file(out, man, problems)
-    _note_unfinished(out, man, complete, entries, report)
+    _note_unfinished(out, man, complete, entries, expected, report)
 
     if model and sample > 0:
         if man is None:
             problems.append("cannot sample rows without a readable manifest.json")
-        else:
+        models = [model] if isinstance(model, str) else list(model)
+        for output, meta, one in (_sampled_outputs(expected, models, report) if man else []):
             _sample(out, report, [e for e in entries if e["file"] in
                                   {r.name for r in results if r.readable}],
-                    config, model=model, sample=sample, device=device, seed=seed,
-                    allow_pickle=allow_pickle)
+                    meta, output=output, model=one, sample=sample, device=device,
+                    seed=seed, allow_pickle=allow_pickle)
     elif sample > 0:
         report.notes.append("--sample needs --model to re-extract rows; skipped")
     # A damaged shard is reported once, by its own checks: what later checks (key index,
@@ -668,6 +778,7 @@ def compute_features(
     import numpy as np
     import torch
 
+    from clipfeat.outputs import LayerSel
     from clipfeat.preprocess import Normalizer, PreprocessSpec, load_image, to_uint8
     from clipfeat.sources import opened, release_readers
     from clipfeat.tower import load_tower
@@ -676,12 +787,13 @@ def compute_features(
     if device == "cpu" and dtype == "float16":
         dtype = "float32"
     revision = (meta.get("model_revision") or None) if model == meta.get("model") else None
-    tower = load_tower(model, layer=int(meta["layer"]), feature=str(meta["feature"]),
+    layer = LayerSel.parse(meta["layer"])  # an int, or "mean(A:B)"
+    tower = load_tower(model, layers=(layer,), feature=str(meta["feature"]),
                        revision=revision, device=device, dtype=dtype,
                        allow_pickle=allow_pickle)
     spec = PreprocessSpec.from_processor_config(
         tower.model_ref.preprocessor_config, family=tower.family,
-        image_size=int(tower.config.image_size),
+        image_size=int(tower.model_ref.image_size),  # DINOv2: its crop, not config's 518
     )
     norm = Normalizer(spec)
     out: dict[str, Any] = {}
@@ -697,7 +809,7 @@ def compute_features(
                 continue
             with torch.inference_mode():
                 x = torch.from_numpy(np.ascontiguousarray(arr))[None].to(device)
-                feats = tower.forward_features(norm(x).to(tower.dtype))
+                (feats,) = tower.forward_outputs(norm(x).to(tower.dtype))
             out[key] = feats[0].float().cpu().numpy()
     finally:
         release_readers()  # the tar or parquet file read last stays open otherwise

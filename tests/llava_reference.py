@@ -5,9 +5,11 @@ Nothing here imports clipfeat: what clipfeat computes is checked against this.
 LLaVA's path (``llava/mm_utils.py``, ``clip_encoder.py``): ``Image.open(p).convert('RGB')``
 (no EXIF transpose, first frame); for aspect ``pad`` LLaVA's :func:`expand2square` onto a
 canvas of ``tuple(int(m * 255) for m in proc.image_mean)``; the checkpoint's own PIL image
-processor (:func:`processor_class`); ``CLIPVisionModel`` / ``SiglipVisionModel``
-``hidden_states[layer]``; for ``patch`` the CLS token (token 0) dropped on CLIP; SigLIP has
-no CLS token, so ``patch`` keeps every token.
+processor (:func:`processor_class`); ``CLIPVisionModel`` / ``SiglipVisionModel`` /
+``Dinov2Model`` / ``Dinov2WithRegistersModel`` ``hidden_states[layer]``; for ``patch`` the CLS
+token (token 0) dropped on CLIP and DINOv2, and DINOv2's register tokens (after the CLS token)
+too; SigLIP has no CLS token, so ``patch`` keeps every token. ``cls_patch`` keeps the CLS token
+and the patches (registers dropped).
 
     ref = LlavaReference(ckpt, layer=-2, feature="patch")
     ref.features([path, ...], aspect="pad")   # (N, tokens, hidden) float32 numpy
@@ -28,29 +30,62 @@ from typing import Any
 
 from PIL import Image
 
-__all__ = ["LlavaReference", "expand2square", "family_of", "processor_class"]
+__all__ = ["LlavaReference", "auto_processor", "expand2square", "family_of",
+           "processor_class"]
+
+# model_type -> the vision model class that loads it (full checkpoints too)
+_MODEL_CLASSES = {
+    "clip": "CLIPVisionModel", "clip_vision_model": "CLIPVisionModel",
+    "siglip": "SiglipVisionModel", "siglip_vision_model": "SiglipVisionModel",
+    "dinov2": "Dinov2Model", "dinov2_with_registers": "Dinov2WithRegistersModel",
+}
 
 
 def processor_class(family: str) -> Any:
-    """The PIL image processor class of a family ("clip" | "siglip"): ``*ImageProcessorPil``
-    on transformers 5, the plain class (which is the PIL one) on 4.x."""
+    """The PIL image processor class of a family ("clip" | "siglip" | "dinov2"):
+    ``*ImageProcessorPil`` on transformers 5, the plain class (the PIL one) on 4.x."""
     import transformers
 
-    base = {"clip": "CLIPImageProcessor", "siglip": "SiglipImageProcessor"}[family]
+    base = {"clip": "CLIPImageProcessor", "siglip": "SiglipImageProcessor",
+            "dinov2": "BitImageProcessor"}[family]
     return getattr(transformers, base + "Pil", None) or getattr(transformers, base)
 
 
-def model_class(family: str) -> Any:
-    """``CLIPVisionModel`` or ``SiglipVisionModel`` (either loads a full checkpoint too)."""
+def auto_processor(ckpt: str | Path) -> Any:
+    """What ``AutoImageProcessor`` loads for a checkpoint with the PIL backend."""
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(ckpt, backend="pil")
+    except TypeError:  # transformers 4.x: no backend argument; use_fast=False is PIL
+        return AutoImageProcessor.from_pretrained(ckpt, use_fast=False)
+
+
+def model_type_of(ckpt: str | Path) -> str:
+    return json.loads((Path(ckpt) / "config.json").read_text())["model_type"]
+
+
+def model_class(model_type: str) -> Any:
+    """The transformers vision model class for a config.json ``model_type``."""
     import transformers
 
-    return transformers.CLIPVisionModel if family == "clip" else transformers.SiglipVisionModel
+    return getattr(transformers, _MODEL_CLASSES[model_type])
 
 
 def family_of(ckpt: str | Path) -> str:
-    """"siglip" or "clip", from the checkpoint's config.json ``model_type``."""
-    model_type = json.loads((Path(ckpt) / "config.json").read_text())["model_type"]
-    return "siglip" if "siglip" in model_type else "clip"
+    """"siglip", "dinov2" or "clip", from the checkpoint's config.json ``model_type``."""
+    model_type = model_type_of(ckpt)
+    if "siglip" in model_type:
+        return "siglip"
+    return "dinov2" if model_type.startswith("dinov2") else "clip"
+
+
+def registers_of(ckpt: str | Path) -> int:
+    """Register tokens of a DINOv2-with-registers checkpoint (transformers' default 4), else 0."""
+    raw = json.loads((Path(ckpt) / "config.json").read_text())
+    if raw["model_type"] != "dinov2_with_registers":
+        return 0
+    return int(raw.get("num_register_tokens", 4))
 
 
 def expand2square(img: Image.Image, color: tuple[int, ...]) -> Image.Image:
@@ -80,8 +115,9 @@ class LlavaReference:
     ``processor``: use this processor instead of the checkpoint's (pixels only without a
     ``ckpt``). ``family`` defaults to the checkpoint's (:func:`family_of`), else "clip".
     ``layer`` / ``feature``: which ``hidden_states`` entry and which tokens (``patch`` drops
-    CLIP's CLS token; ``cls_patch`` keeps every token). ``device`` / ``dtype``: where the
-    model runs (the pixels are moved there; features come back as float32 on the CPU).
+    the CLS and register tokens; ``cls_patch`` keeps CLS and the patches). ``device`` /
+    ``dtype``: where the model runs (the pixels are moved there; features come back as
+    float32 on the CPU).
 
     ``hide_transparency``: Pillow keeps a palette/RGB image's transparent colour in
     ``info["transparency"]`` after ``convert('RGB')``; transformers 5 (not 4.x, which LLaVA
@@ -95,6 +131,7 @@ class LlavaReference:
                  hide_transparency: bool = True, device: Any = "cpu", dtype: Any = None) -> None:
         self.ckpt = Path(ckpt) if ckpt is not None else None
         self.family = family or (family_of(self.ckpt) if self.ckpt is not None else "clip")
+        self.registers = registers_of(self.ckpt) if self.ckpt is not None else 0
         self.layer = layer
         self.feature = feature
         self.hide_transparency = hide_transparency
@@ -118,11 +155,16 @@ class LlavaReference:
         if self._model is None:
             if self.ckpt is None:
                 raise ValueError("LlavaReference has no checkpoint to load a model from")
-            model = model_class(self.family).from_pretrained(self.ckpt)
+            model = model_class(model_type_of(self.ckpt)).from_pretrained(self.ckpt)
             if self.dtype is not None or self.device != "cpu":
                 model = model.to(self.device, self.dtype)
             self._model = model.eval()
         return self._model
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(height, width) of the processor's pixel_values: what the model is fed."""
+        return tuple(self.pixels(Image.new("RGB", (41, 29))).shape[-2:])
 
     @property
     def pad_color(self) -> tuple[int, ...]:
@@ -171,11 +213,17 @@ class LlavaReference:
         with torch.no_grad():
             return self.model(px, output_hidden_states=True).hidden_states
 
-    def select(self, hidden: Any) -> Any:
-        """The tokens of :attr:`feature`: CLIP ``patch`` drops token 0 (CLS)."""
-        if self.feature == "patch" and self.family == "clip":
-            return hidden[:, 1:]
-        return hidden
+    def select(self, hidden: Any, feature: str | None = None) -> Any:
+        """The tokens of ``feature`` (default :attr:`feature`): ``patch`` drops the CLS token
+        (CLIP, DINOv2) and the registers after it; ``cls_patch`` drops the registers only."""
+        import torch
+
+        feature = feature or self.feature
+        cls = 0 if self.family == "siglip" else 1
+        first_patch = cls + self.registers
+        if feature == "patch":
+            return hidden[:, first_patch:]
+        return torch.cat([hidden[:, :cls], hidden[:, first_patch:]], dim=1)
 
     def features(self, srcs: list[Any], aspect: str = "square") -> Any:
         """LLaVA's features of images (paths or PIL images), run as one batch:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from stores import Shard, build_store
+from stores import MULTI_OUTPUTS, Shard, build_store, multi_output_store
 from typer.testing import CliRunner
 
 from clipfeat.cli import app
@@ -325,3 +325,62 @@ def test_lost_plan_and_other_settings_is_refused_naming_them(tmp_path, ref_store
     assert res.exit_code == 2, res.output
     assert "other settings" in res.stderr and "layer: -2 in OUT -> -1 now" in res.stderr
     assert _shard_states(out) == kept
+
+
+# --------------------------------------------------------------------------- several outputs
+
+def _chunks(want: dict, rows=(3, 0, 2)) -> dict[int, list[str]]:
+    return {sid: [f"m{sid}/{i}.jpg" for i in range(n)] + [f"bad{sid}.jpg"]
+            for sid, n in enumerate(rows)}
+
+
+def _damage_output(path: Path, how: str) -> None:
+    import h5py
+
+    name = f"features/{MULTI_OUTPUTS[1].name}"
+    if how == "dataset deleted":
+        with h5py.File(path, "r+") as f:
+            del f[name]
+    elif how == "dataset shortened":
+        with h5py.File(path, "r+") as f:
+            f[name].resize(1, axis=0)
+    else:  # the file cut inside the second output's rows
+        with h5py.File(path, "r") as f:
+            cut = f[name].id.get_chunk_info(1).byte_offset + 5
+        with open(path, "r+b") as fh:
+            fh.truncate(cut)
+
+
+@pytest.mark.parametrize("how", ["dataset deleted", "dataset shortened", "file truncated"])
+def test_damaged_output_of_a_several_output_shard_is_found(tmp_path, how):
+    from clipfeat.store import check_finished, read_shard_info
+
+    want = multi_output_store(tmp_path)
+    path = tmp_path / "shard-000000.h5"
+    _damage_output(path, how)
+    report = verify_store(tmp_path)
+    about = [p for p in report.problems if p.startswith("shard-000000.h5: ")]
+    assert len(about) == 1 and "rerun" in about[0], report.problems
+    assert {"dataset deleted": "missing", "dataset shortened": "has 1 rows but",
+            "file truncated": "truncated"}[how] in about[0]
+    checked = check_finished(tmp_path, _chunks(want))
+    assert sorted(checked.trusted) == [1, 2] and [p for p, _ in checked.damaged] == [path]
+    with pytest.raises(StoreError, match="shard-000000.h5"):
+        read_shard_info(path)
+    store = FeatureStore(tmp_path)  # the index is intact: the reader checks size and
+    if how == "file truncated":     # checksum block only (verify re-hashes the bytes)
+        with pytest.raises(StoreError, match="shard-000000.h5"):
+            store["m0/1.jpg"]
+    np.testing.assert_array_equal(store["m2/1.jpg"][MULTI_OUTPUTS[1].name].numpy(),
+                                  want[MULTI_OUTPUTS[1].name]["m2/1.jpg"])
+
+
+def test_sound_several_output_store_is_trusted(tmp_path):
+    from clipfeat.store import check_finished, read_finished
+
+    want = multi_output_store(tmp_path)
+    checked = check_finished(tmp_path, _chunks(want))
+    assert sorted(checked.trusted) == [0, 1, 2] and not checked.damaged
+    content = read_finished(tmp_path)[0]
+    assert content.output_attrs[MULTI_OUTPUTS[1].name]["layer"] == "mean(0:2)"
+    assert content.attrs["aspect"] == "pad" and "layer" not in content.attrs

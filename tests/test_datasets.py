@@ -55,9 +55,10 @@ def runner() -> CliRunner:
         return CliRunner()
 
 
-def extract(roots: list[str], out: Path, model: Path, **kw: Any) -> Any:
+def extract(roots: list[str], out: Path, model: Path | list[str], **kw: Any) -> Any:
     kw.setdefault("workers", 0)
-    return clipfeat.extract(roots=roots, out=str(out), model=str(model), device="cpu",
+    model = [str(m) for m in model] if isinstance(model, list) else str(model)
+    return clipfeat.extract(roots=roots, out=str(out), model=model, device="cpu",
                             dtype="float32", store_dtype="float32", batch_size=3,
                             shard_size=SHARD_SIZE, **kw)
 
@@ -192,6 +193,28 @@ def test_parquet_rows_give_the_folder_rows(tmp_path, photos, table, folder_store
     assert sorted(rows) == sorted(f"train/{i}" for i in range(len(names)))
     for i, name in enumerate(names):
         np.testing.assert_array_equal(rows[f"train/{i}"], folder_store[name], err_msg=name)
+
+
+def test_several_towers_read_tars_and_parquet_as_the_folder(tmp_path, photos, shards, table,
+                                                            clip_full_dir, siglip_dir):
+    """Two towers with different preprocessings (one decode into both, in the workers):
+    every output of the tar and parquet stores equals the folder store's."""
+    clip, sig = str(clip_full_dir), str(siglip_dir)
+    stores = {}
+    for name, roots, extra in (("folder", [str(photos)], {}),
+                               ("tar", [f"{shards}/*.tar"], {"workers": 2}),
+                               ("parquet", [str(table)], {"key_column": "name"})):
+        s = extract(roots, tmp_path / name, [clip, sig], layer=["-2", f"{sig}=-1"], **extra)
+        assert s.complete and s.failed == 0, name
+        stores[name] = clipfeat.FeatureStore(tmp_path / name)
+    folder = stores["folder"]
+    assert len(folder.outputs) == 2 and stores["tar"].outputs == folder.outputs
+    for output in folder.outputs:
+        want = folder.select(output)
+        for key in image_keys(photos):
+            row = want[key].numpy()
+            np.testing.assert_array_equal(stores["tar"].select(output)[stem(key)].numpy(), row)
+            np.testing.assert_array_equal(stores["parquet"].select(output)[key].numpy(), row)
 
 
 def test_a_folder_of_parquet_files_and_a_mix_with_tars(tmp_path, photos, shards, folder_store,

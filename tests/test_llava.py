@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import pickle
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from stores import Shard, build_store, read_rows
+from stores import MULTI_OUTPUTS, Shard, build_store, multi_output_store, read_rows
 
-from clipfeat.errors import StoreError
+from clipfeat.errors import ConfigError, StoreError
 from clipfeat.store import FeatureStore
 
 TOKENS, HIDDEN = 4, 8  # 28 px / 14 px patches -> 2 x 2 grid
@@ -226,3 +227,96 @@ def test_dataset_in_dataloader_workers(tmp_path):
     tower = PrecomputedVisionTower(out).to(torch.float32)
     projector = torch.nn.Linear(HIDDEN, 3)
     assert projector(tower(got)).shape == (len(samples), TOKENS, 3)
+
+
+# ----------------------------------------------------------------------------- several outputs
+
+CLIP_OUT, SIGLIP_OUT = (o.name for o in MULTI_OUTPUTS)
+
+
+@pytest.fixture
+def multi_dir(tmp_path):
+    return tmp_path, multi_output_store(tmp_path, rows=(3, 2))
+
+
+def test_tower_over_one_output_of_several(multi_dir):
+    from clipfeat.llava import PrecomputedVisionTower
+
+    out, want = multi_dir
+    tower = PrecomputedVisionTower(out, SIGLIP_OUT, expect_layer="mean(0:2)",
+                                   expect_feature="patch", expect_aspect="pad",
+                                   expect_model="/ckpt/tiny-siglip")
+    assert tower.output == SIGLIP_OUT and tower.hidden_size == 6 and tower.tokens == 9
+    assert tower.config.image_size == 30 and tower.num_patches == 9  # 30 px / 10 px patches
+    assert tower.select_layer == "mean(0:2)" and tower.vision_tower_name == "/ckpt/tiny-siglip"
+    key = next(iter(want[SIGLIP_OUT]))
+    np.testing.assert_array_equal(tower.lookup(key).numpy(), want[SIGLIP_OUT][key])
+    clip = PrecomputedVisionTower(FeatureStore(out), output=CLIP_OUT, expect_layer=-2)
+    assert clip.hidden_size == 8 and clip.num_patches == 4 and "output='tiny-clip/-2'" in repr(
+        clip)
+    PrecomputedVisionTower(out, CLIP_OUT, expect_layer=2)  # its resolved hidden_states index
+    assert pickle.loads(pickle.dumps(clip)).hidden_size == 8
+
+
+@pytest.mark.parametrize("output, kwargs, needles", [
+    (CLIP_OUT, dict(expect_layer=-1), ["output tiny-clip/-2", "layer -2", "--layer -1"]),
+    (SIGLIP_OUT, dict(expect_layer=-2), ["layer mean(0:2)", "[0, 1]", "--layer -2"]),
+    (SIGLIP_OUT, dict(expect_layer="mean(0:3)"), ["mean(0:2)", "mean(0:3)"]),
+    (CLIP_OUT, dict(expect_feature="cls_patch"), ["'patch'", "'cls_patch'"]),
+    (CLIP_OUT, dict(expect_model="/ckpt/tiny-siglip"), ["'/ckpt/tiny-clip'"]),
+    (SIGLIP_OUT, dict(expect_aspect="square"), ["'pad'", "'square'"]),
+])
+def test_tower_checks_the_chosen_outputs_metadata(multi_dir, output, kwargs, needles):
+    from clipfeat.llava import PrecomputedVisionTower
+
+    with pytest.raises(StoreError) as exc:
+        PrecomputedVisionTower(multi_dir[0], output, **kwargs)
+    for needle in needles:
+        assert needle in str(exc.value), str(exc.value)
+
+
+def test_several_outputs_need_a_choice(multi_dir, monkeypatch):
+    from clipfeat.llava import OUTPUT_ENV, STORE_ENV, PrecomputedVisionTower, load_features
+
+    out, want = multi_dir
+    for make in (lambda: PrecomputedVisionTower(out),
+                 lambda: load_features({"image": "m0/0.jpg"}, store=out)):
+        with pytest.raises(StoreError, match="CLIPFEAT_OUTPUT") as exc:
+            make()
+        assert f"'{CLIP_OUT}', '{SIGLIP_OUT}'" in str(exc.value)
+    with pytest.raises(ConfigError, match="tiny-clip/-3"):
+        PrecomputedVisionTower(out, "tiny-clip/-3")
+    monkeypatch.setenv(STORE_ENV, str(out))
+    monkeypatch.setenv(OUTPUT_ENV, SIGLIP_OUT)
+    got = load_features({"image": "m1/1.jpg"}, SimpleNamespace(image_aspect_ratio="pad"))
+    np.testing.assert_array_equal(got.numpy(), want[SIGLIP_OUT]["m1/1.jpg"])
+    assert load_features({"id": "text only"}).shape == (9, 6)
+    clip = load_features("m0/2.jpg", output=CLIP_OUT)  # the argument wins over the env
+    np.testing.assert_array_equal(clip.numpy(), want[CLIP_OUT]["m0/2.jpg"])
+
+
+def test_precomputed_vision_tower_takes_the_output(multi_dir, monkeypatch):
+    from clipfeat.llava import OUTPUT_ENV, STORE_ENV, precomputed_vision_tower
+
+    out, _ = multi_dir
+    cfg = SimpleNamespace(mm_vision_tower="/ckpt/tiny-clip", mm_vision_select_layer=-2,
+                          mm_vision_select_feature="patch")
+    monkeypatch.setenv(STORE_ENV, str(out))
+    with pytest.raises(StoreError, match=OUTPUT_ENV):
+        precomputed_vision_tower(cfg)
+    monkeypatch.setenv(OUTPUT_ENV, CLIP_OUT)
+    assert precomputed_vision_tower(cfg, delay_load=True).hidden_size == 8
+    with pytest.raises(StoreError, match="mm_vision_tower"):
+        precomputed_vision_tower(cfg, output=SIGLIP_OUT)
+
+
+def test_dataset_over_several_outputs(multi_dir):
+    from clipfeat.llava import LlavaFeatureDataset
+
+    out, want = multi_dir
+    samples = [{"id": "a", "image": "m0/1.jpg"}, {"id": "b", "image": ["m1/0.jpg", "m0/0.jpg"]}]
+    both = LlavaFeatureDataset(samples, out)[0]["image_features"]
+    assert sorted(both) == sorted(want)
+    np.testing.assert_array_equal(both[SIGLIP_OUT].numpy(), want[SIGLIP_OUT]["m0/1.jpg"])
+    one = LlavaFeatureDataset(samples, out, output=CLIP_OUT)[1]["image_features"]
+    np.testing.assert_array_equal(one[0].numpy(), want[CLIP_OUT]["m1/0.jpg"])

@@ -28,6 +28,8 @@ from clipfeat.preprocess import (
 # transformers' PIL image processors (the *Pil classes on transformers 5, the default ones on 4.x)
 CLIPProc = processor_class("clip")
 SiglipProc = processor_class("siglip")
+BitProc = processor_class("dinov2")  # DINOv2's
+IMAGENET = dict(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,6 +64,11 @@ PROCESSORS = {
                                           crop_size={"height": 24, "width": 24}),
     "siglip": lambda: SiglipProc(size={"height": 28, "width": 28}),
     "siglip-rect": lambda: SiglipProc(size={"height": 20, "width": 36}),
+    # the fixed-resolution SigLIP2 checkpoints resize bilinearly
+    "siglip2-bilinear": lambda: SiglipProc(size={"height": 28, "width": 28}, resample=2),
+    # DINOv2: shortest edge 8/7 of the crop, ImageNet mean/std (facebook/dinov2-*)
+    "dinov2": lambda: BitProc(size={"shortest_edge": 24}, crop_size={"height": 21, "width": 21},
+                              **IMAGENET),
 }
 
 # (name, mode, format, size, save kwargs)
@@ -169,13 +176,36 @@ def test_photo_640x480_at_336_matches_hf(tmp_path, config_only_vitl336, resize_p
         assert torch.equal(ours(path, spec, aspect), reference_pixels(path, proc, aspect))
 
 
+def test_dinov2_photos_at_224_match_its_processor(tmp_path, resize_path):
+    """DINOv2's real proportions (shortest edge 256, crop 224, ImageNet mean/std) from a
+    checkpoint folder, through the processor AutoImageProcessor picks."""
+    from llava_reference import auto_processor
+
+    from clipfeat.testing import save_tiny_dinov2
+
+    ckpt = save_tiny_dinov2(tmp_path / "dinov2", image_size=518, patch_size=14, crop_size=224,
+                            resize=256, registers=4, num_hidden_layers=1)
+    proc = auto_processor(ckpt)
+    cfg = json.loads((ckpt / "preprocessor_config.json").read_text())
+    spec = PreprocessSpec.from_processor_config(cfg, family="dinov2", image_size=224)
+    assert spec == PreprocessSpec.from_processor(proc)
+    assert (spec.shortest_edge, spec.crop_height, spec.pad_color) == (256, 224, (123, 116, 103))
+    for i, (w, h) in enumerate([(640, 480), (333, 517), (97, 301), (256, 255), (1, 9)]):
+        path = tmp_path / f"photo{i}.jpg"
+        Image.fromarray(imagegen.photo_array(w, h, seed=i)).save(path, quality=92)
+        for aspect in ("square", "pad"):
+            assert torch.equal(ours(path, spec, aspect), reference_pixels(path, proc, aspect)), \
+                (w, h, aspect)
+
+
 def test_random_sizes_match_hf_including_extreme_aspect_ratios(resize_path):
     rng = np.random.default_rng(0)
     sizes = [(1, 1), (1, 2), (2, 1), (1, 500), (500, 1), (2, 333), (333, 3), (5, 5),
              (29, 31), (31, 29), (17, 4), (4, 17)]
     sizes += [tuple(int(x) for x in rng.integers(1, 120, 2)) for _ in range(25)]
     procs = [PROCESSORS["clip-shortest-edge"](), PROCESSORS["clip-rect-crop"](),
-             PROCESSORS["siglip"](), CLIPProc(size={"shortest_edge": 7},
+             PROCESSORS["siglip"](), PROCESSORS["siglip2-bilinear"](), PROCESSORS["dinov2"](),
+             CLIPProc(size={"shortest_edge": 7},
                                                crop_size={"height": 5, "width": 9})]
     for w, h in sizes:
         img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))

@@ -473,9 +473,9 @@ def _signal_swallowed(monkeypatch) -> None:
     Python only prints it), part-way through the run."""
     from clipfeat.tower import CLIPVisionTower
 
-    real, calls = CLIPVisionTower.forward_features, [0]
+    real, calls = CLIPVisionTower.forward_outputs, [0]  # what extract runs per batch
 
-    def forward_features(self, *a, **kw):
+    def forward_outputs(self, *a, **kw):
         calls[0] += 1
         if calls[0] == 4:
             try:
@@ -484,7 +484,7 @@ def _signal_swallowed(monkeypatch) -> None:
                 pass
         return real(self, *a, **kw)
 
-    monkeypatch.setattr(CLIPVisionTower, "forward_features", forward_features)
+    monkeypatch.setattr(CLIPVisionTower, "forward_outputs", forward_outputs)
 
 
 @pytest.mark.parametrize("inject", [_signal_in_load, _signal_swallowed])

@@ -17,12 +17,13 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from stores import Shard, build_store
+from stores import MULTI_OUTPUTS, MULTI_SHAPES, Shard, build_store, multi_output_store, read_rows
 
 from clipfeat import store as store_mod
 from clipfeat.errors import ConfigError, ExtractionError, StoreError
 from clipfeat.store import (
     FeatureStore,
+    OutputLayout,
     ShardWriter,
     describe_store,
     finalize,
@@ -762,3 +763,323 @@ def test_key_that_failed_extraction_points_to_failures_jsonl(tmp_path):
     assert store.failure("bad.jpg") == "cannot identify image file"
     assert store.get("bad.jpg") is None
     assert pickle.loads(pickle.dumps(store))._failures is None
+
+
+# ----------------------------------------------------------------------------- several outputs
+
+MULTI_NAMES = [o.name for o in MULTI_OUTPUTS]
+
+
+def test_one_output_layout_writes_exactly_the_tokens_hidden_file(tmp_path):
+    """ShardWriter(outputs=[one OutputLayout]) writes the very bytes of tokens=/hidden=:
+    dataset ``features``, the run's then the output's attributes at the root."""
+    run = {"aspect": "pad", "store_dtype": "float16", "compute_dtype": "float16"}
+    own = {k: v for k, v in meta_for("float16").items() if k not in run}
+    x = (np.random.default_rng(4).standard_normal((7, TOKENS, HIDDEN)) * 5).astype(np.float32)
+    files = []
+    for way, kw in (("plain", dict(tokens=TOKENS, hidden=HIDDEN, attrs={**run, **own})),
+                    ("layout", dict(outputs=[OutputLayout("clip/-2", TOKENS, HIDDEN, own)],
+                                    attrs=run))):
+        with ShardWriter(tmp_path / way, 0, store_dtype="float16", expected_rows=7, **kw) as w:
+            w.append([f"k{i}" for i in range(3)], x[:3])
+            w.append([f"k{i}" for i in range(3, 7)], x[3:])
+            w.add_failures([{"key": "bad", "path": "/bad", "error": "broken"}])
+            w.commit()
+        files.append((tmp_path / way / "shard-000000.h5").read_bytes())
+    assert files[0] == files[1]
+    with h5py.File(tmp_path / "layout" / "shard-000000.h5", "r") as f:
+        assert list(f) == ["failures", "features", "keys"] and "outputs" not in f.attrs
+        assert f.attrs["format_version"] == 2 and f.attrs["layer"] == -2
+
+
+@pytest.mark.parametrize("store_dtype", ["float16", "float32"])
+def test_several_outputs_read_back_bit_exact(tmp_path, store_dtype):
+    want = multi_output_store(tmp_path, rows=(3, 0, 4), store_dtype=store_dtype)
+    for o, (t, h) in zip(MULTI_OUTPUTS, MULTI_SHAPES, strict=True):  # plain h5py, per output
+        rows = read_rows(tmp_path, dataset=f"features/{o.name}")
+        assert list(rows) == list(want[o.name])
+        for key, row in rows.items():
+            assert row.shape == (t, h) and row.dtype == np.dtype(store_dtype)
+            np.testing.assert_array_equal(row, want[o.name][key])
+    store = FeatureStore(tmp_path)
+    keys = list(want[MULTI_NAMES[0]])
+    assert store.outputs == MULTI_NAMES and store.output is None and len(store) == 7
+    assert store.shapes == dict(zip(MULTI_NAMES, MULTI_SHAPES, strict=True))
+    assert store.dtype == np.dtype(store_dtype) and store.keys() == keys
+    for key in keys:
+        got = store[key]
+        assert isinstance(got, dict) and list(got) == MULTI_NAMES
+        for name in MULTI_NAMES:
+            assert got[name].dtype == getattr(torch, store_dtype)
+            np.testing.assert_array_equal(got[name].numpy(), want[name][key])
+    first = store[0]
+    np.testing.assert_array_equal(first[MULTI_NAMES[1]].numpy(), want[MULTI_NAMES[1]][keys[0]])
+    order = keys[::-2] + keys[:1]
+    many = store.get_many(order)
+    assert list(many) == MULTI_NAMES
+    for name in MULTI_NAMES:
+        np.testing.assert_array_equal(many[name].numpy(),
+                                      np.stack([want[name][k] for k in order]))
+    empty = store.get_many([])
+    assert [tuple(empty[n].shape) for n in MULTI_NAMES] == [(0, 4, 8), (0, 9, 6)]
+    for name, shape in zip(MULTI_NAMES, MULTI_SHAPES, strict=True):
+        for one in (FeatureStore(tmp_path, output=name), store.select(name)):
+            assert one.output == name and one.shape == shape and one.outputs == MULTI_NAMES
+            got = one[keys[2]]
+            assert isinstance(got, torch.Tensor)
+            np.testing.assert_array_equal(got.numpy(), want[name][keys[2]])
+            np.testing.assert_array_equal(one.get_many(order).numpy(),
+                                          np.stack([want[name][k] for k in order]))
+            assert one.meta["layer"] == store.output_meta(name)["layer"]
+            assert one.meta["aspect"] == "pad" and one.meta["output"] == name
+
+
+def test_several_outputs_shape_and_meta(tmp_path):
+    multi_output_store(tmp_path)
+    store = FeatureStore(tmp_path)
+    with pytest.raises(StoreError, match="output=NAME") as err:
+        _ = store.shape
+    assert all(name in str(err.value) for name in MULTI_NAMES)
+    assert store.meta == json.loads((tmp_path / "manifest.json").read_text())["config"]
+    meta = store.output_meta("tiny-siglip/mean(0:2)")
+    assert meta["layer"] == "mean(0:2)" and meta["layer_indices"] == [0, 1]
+    assert meta["model"] == "/ckpt/tiny-siglip" and meta["tokens"] == 9
+    assert meta["hidden_size"] == 6 and meta["aspect"] == "pad"
+    assert meta["preprocessing"] == {"size": 30, "mean": [0.5, 0.5, 0.5]}
+    for bad in (lambda: store.output_meta("tiny-clip/-1"),
+                lambda: FeatureStore(tmp_path, output="tiny-clip/-1"),
+                lambda: store.select("nope")):
+        with pytest.raises(ConfigError, match="tiny-clip/-1|nope") as err:
+            bad()
+        assert "'tiny-clip/-2', 'tiny-siglip/mean(0:2)'" in str(err.value)
+    assert "outputs=2" in repr(store) and "output='tiny-clip/-2'" in repr(
+        store.select("tiny-clip/-2"))
+
+
+def test_several_outputs_shard_layout(tmp_path):
+    multi_output_store(tmp_path, rows=(3, 2))
+    with h5py.File(tmp_path / "shard-000000.h5", "r") as f:
+        assert sorted(f) == ["failures", "features", "keys"]
+        assert json.loads(f.attrs["outputs"]) == MULTI_NAMES
+        assert f.attrs["format_version"] == store_mod.MULTI_FORMAT_VERSION == 3
+        assert f.attrs["store_dtype"] == "float16" and f.attrs["aspect"] == "pad"
+        assert not set(f.attrs) & set(store_mod.OUTPUT_ATTRS)
+        for o, (t, h) in zip(MULTI_OUTPUTS, MULTI_SHAPES, strict=True):
+            ds = f[f"features/{o.name}"]
+            plist = ds.id.get_create_plist()
+            assert ds.shape == (3, t, h) and ds.chunks == (1, t, h) and ds.compression is None
+            assert plist.get_alloc_time() == h5py.h5d.ALLOC_TIME_EARLY
+            assert plist.get_fill_time() == h5py.h5d.FILL_TIME_NEVER
+            assert ds.id.get_num_chunks() == 3
+            a = ds.attrs
+            assert a["output"] == o.name and a["tokens"] == t and a["hidden_size"] == h
+            assert a["layer"] == o.attrs["layer"] and a["model"] == o.attrs["model"]
+            assert json.loads(a["layer_indices"]) == o.attrs["layer_indices"]
+            assert json.loads(a["preprocessing"]) == o.attrs["preprocessing"]
+    man = json.loads((tmp_path / "manifest.json").read_text())
+    assert man["format_version"] == 3
+    assert [(e["name"], e["dataset"], e["tokens"], e["hidden_size"]) for e in man["outputs"]] == [
+        (o.name, f"features/{o.name}", t, h)
+        for o, (t, h) in zip(MULTI_OUTPUTS, MULTI_SHAPES, strict=True)]
+    assert man["outputs"][1]["layer"] == "mean(0:2)" and man["outputs"][0]["feature"] == "patch"
+    header = json.loads((tmp_path / ".clipfeat" / "index.json").read_text())
+    assert header["datasets"] == [f"features/{n}" for n in MULTI_NAMES]
+    assert [s.num_rows for s in scan_shards(tmp_path).values()] == [3, 2]
+
+
+def test_several_outputs_resist_a_lost_index(tmp_path, caplog):
+    want = multi_output_store(tmp_path)
+    (tmp_path / ".clipfeat" / "index.json").unlink()
+    with caplog.at_level(logging.WARNING, logger="clipfeat.store"):
+        store = FeatureStore(tmp_path)
+    assert store.index_kind == "scan"
+    for name, rows in want.items():
+        for key, row in rows.items():
+            np.testing.assert_array_equal(store[key][name].numpy(), row)
+    clone = pickle.loads(pickle.dumps(store.select(MULTI_NAMES[1])))
+    key = next(iter(want[MULTI_NAMES[1]]))
+    np.testing.assert_array_equal(clone[key].numpy(), want[MULTI_NAMES[1]][key])
+
+
+def test_manifest_without_outputs_derives_its_one_output(tmp_path):
+    """Manifests written before outputs were listed: the one output is named from config."""
+    expected, _ = make_store(tmp_path)
+    man = json.loads((tmp_path / "manifest.json").read_text())
+    assert man["outputs"] == [{"name": "clip-vit-large-patch14-336/-2", "dataset": "features",
+                               "tokens": TOKENS, "hidden_size": HIDDEN,
+                               "model": "openai/clip-vit-large-patch14-336", "layer": -2,
+                               "feature": "patch"}]
+    del man["outputs"]
+    (tmp_path / "manifest.json").write_text(json.dumps(man))
+    store = FeatureStore(tmp_path)
+    assert store.outputs == ["clip-vit-large-patch14-336/-2"]
+    assert store.output == "clip-vit-large-patch14-336/-2" and store.shape == (TOKENS, HIDDEN)
+    assert store.meta == man["config"] == store.output_meta(store.output)
+    key = next(iter(expected))
+    np.testing.assert_array_equal(FeatureStore(tmp_path, output=store.output)[key].numpy(),
+                                  expected[key])
+    assert describe_store(tmp_path)["outputs"][0]["name"] == "clip-vit-large-patch14-336/-2"
+
+
+def test_format_1_store_has_one_derived_output():
+    store = FeatureStore(V1_STORE)
+    assert len(store.outputs) == 1 and store.output == store.outputs[0]
+    assert store.meta == store.output_meta(store.output)
+    assert isinstance(store[0], torch.Tensor)
+
+
+def _two_layouts(**attrs_b):
+    return [OutputLayout("t/-2", TOKENS, HIDDEN, {"layer": -2}),
+            OutputLayout("t/-9", 2, 3, dict({"layer": -9}, **attrs_b))]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(outputs=[OutputLayout("a", 1, 2), OutputLayout("a", 1, 2)]), "given twice"),
+    (dict(outputs=[OutputLayout("a", 1, 2), OutputLayout("a/b", 1, 2)]), "HDF5 group"),
+    (dict(outputs=[OutputLayout("a//b", 1, 2), OutputLayout("c", 1, 2)]), "empty"),
+    (dict(outputs=[OutputLayout("", TOKENS, HIDDEN)]), "non-empty str"),
+    (dict(outputs=[OutputLayout("a", 0, 2), OutputLayout("c", 1, 2)]), "tokens=0"),
+    (dict(outputs=[]), "non-empty"),
+    (dict(outputs=[("a", 1, 2)]), "not an OutputLayout"),
+    (dict(outputs=_two_layouts(), tokens=4), "not both"),
+    (dict(outputs=_two_layouts(), attrs={"layer": -2}), "run's"),
+    (dict(outputs=_two_layouts(), attrs={"outputs": "[]"}), "outputs"),
+    (dict(outputs=_two_layouts(tokens=5)), "disagrees"),
+    (dict(outputs=_two_layouts(output="t/-8")), "disagrees"),
+    (dict(outputs=_two_layouts(num_rows=3)), "num_rows"),
+    (dict(outputs=[OutputLayout("t/-2", TOKENS, HIDDEN, {"layer": -1})],
+          attrs={"layer": -2}), "disagrees"),
+])
+def test_writer_validates_outputs(tmp_path, kwargs, match):
+    args = dict(store_dtype="float16", attrs={})
+    args.update(kwargs)
+    with pytest.raises(ConfigError, match=match):
+        ShardWriter(tmp_path, 0, **args)
+    assert os.listdir(tmp_path) == []
+
+
+def test_several_outputs_append_checks_every_output_before_writing(tmp_path):
+    a, b = np.zeros((2, TOKENS, HIDDEN), np.float32), np.zeros((2, 2, 3), np.float32)
+    with ShardWriter(tmp_path, 0, outputs=_two_layouts(), store_dtype="float16",
+                     attrs={}) as w:
+        with pytest.raises(ConfigError, match="sequence of 2 arrays"):
+            w.append(["x", "y"], a)
+        with pytest.raises(ConfigError, match="1 feature arrays for 2 outputs"):
+            w.append(["x", "y"], [a])
+        with pytest.raises(ConfigError, match="features of output 't/-9' have shape"):
+            w.append(["x", "y"], [a, np.zeros((2, 3, 3), np.float32)])
+        with pytest.raises(ConfigError, match="2 keys for 1 feature rows of output 't/-9'"):
+            w.append(["x", "y"], [a, b[:1]])
+        bad = b.copy()
+        bad[1, 0, 0] = np.inf
+        with pytest.raises(ExtractionError, match=r"'y' \(output 't/-9'\)"):
+            w.append(["x", "y"], [a, bad])
+    assert os.listdir(tmp_path) == []  # the writer failed: nothing left
+    with ShardWriter(tmp_path, 0, outputs=_two_layouts(), store_dtype="float16",
+                     attrs={}) as w:
+        with pytest.raises(ConfigError):
+            w.append(["x", "y"], [a, b[:1]])
+        assert w.num_rows == 0
+        w.append(["x", "y"], (torch.ones(2, TOKENS, HIDDEN, dtype=torch.bfloat16), b + 1))
+        w.append(["z"], [a[:1].astype(np.float16), b[:1].astype(np.float16)], checked=True)
+        info = w.commit()
+    assert info.num_rows == 3
+    with h5py.File(tmp_path / "shard-000000.h5", "r") as f:
+        assert f["features/t/-2"][0].sum() == TOKENS * HIDDEN and f["features/t/-9"][2].sum() == 0
+        assert f["features/t/-9"][1].sum() == 6
+
+
+def test_several_outputs_disk_full(tmp_path, monkeypatch):
+    w = ShardWriter(tmp_path, 2, outputs=_two_layouts(), store_dtype="float16", attrs={})
+    w.append(["a"], [np.zeros((1, TOKENS, HIDDEN)), np.zeros((1, 2, 3))])
+    calls = []
+
+    def full(fd, data, offset):
+        calls.append(offset)
+        if len(calls) > 1:  # the first output's rows go, the second's fail
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return len(memoryview(data).cast("B"))
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(ExtractionError, match=r"disk full \(ENOSPC\).*shard-000002"):
+        w.append(["b"], [np.ones((1, TOKENS, HIDDEN)), np.ones((1, 2, 3))])
+        w.commit()
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == []
+
+
+def test_several_outputs_checksum_covers_the_whole_file(tmp_path):
+    """Rows of two outputs interleave in the file; each block hashed while written or at
+    commit, the checksum is the file's (an independent hash of its bytes)."""
+    import hashlib
+
+    import xxhash
+
+    from clipfeat.store import check_shard_bytes, shard_checksum
+
+    rng = np.random.default_rng(2)
+    layouts = [OutputLayout("big/-2", 128, 256, {"layer": -2}),
+               OutputLayout("big/-9", 64, 96, {"layer": -9})]
+    with ShardWriter(tmp_path, 0, outputs=layouts, store_dtype="float32", attrs={}) as w:
+        for start in range(0, 120, 25):
+            n = min(25, 120 - start)
+            w.append([f"k{start + i}" for i in range(n)],
+                     [rng.standard_normal((n, 128, 256)), rng.standard_normal((n, 64, 96))])
+        info = w.commit()
+    path = tmp_path / "shard-000000.h5"
+    data = path.read_bytes()
+    assert len(data) > 16 * 1024 * 1024
+    body, block = data[512:], 8 * 1024 * 1024
+    digests = b"".join(xxhash.xxh3_128(body[i:i + block]).digest()
+                       for i in range(0, len(body), block))
+    assert info.checksum == hashlib.sha256(digests).hexdigest() == shard_checksum(path)[0]
+    assert check_shard_bytes(path) is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("output", [None, "tiny-siglip/mean(0:2)"])
+def test_dataloader_spawn_workers_over_several_outputs(tmp_path, output):
+    want = multi_output_store(tmp_path, rows=(4, 0, 5))
+    store = FeatureStore(tmp_path, output=output)
+    keys = store.keys()
+    store[keys[0]]  # the parent holds open files before workers start
+    order = keys[::-1]
+    loader = torch.utils.data.DataLoader(store, sampler=order, batch_size=4, num_workers=2,
+                                         multiprocessing_context="spawn")
+    batches = list(loader)
+    if output is None:  # default collate: a dict of (batch, tokens, hidden) per output
+        for name in MULTI_NAMES:
+            got = torch.cat([b[name] for b in batches]).numpy()
+            np.testing.assert_array_equal(got, np.stack([want[name][k] for k in order]))
+    else:
+        got = torch.cat(batches).numpy()
+        np.testing.assert_array_equal(got, np.stack([want[output][k] for k in order]))
+
+
+def test_describe_several_outputs(tmp_path):
+    multi_output_store(tmp_path)
+    d = describe_store(tmp_path)
+    assert [(o["name"], o["tokens"], o["hidden_size"], o["layer"], o["model"])
+            for o in d["outputs"]] == [
+        ("tiny-clip/-2", 4, 8, -2, "/ckpt/tiny-clip"),
+        ("tiny-siglip/mean(0:2)", 9, 6, "mean(0:2)", "/ckpt/tiny-siglip")]
+    text = format_store(d)
+    assert "outputs    2, float16" in text
+    assert "tiny-siglip/mean(0:2)  9 x 6, layer mean(0:2), feature patch, model " \
+           "/ckpt/tiny-siglip" in text
+    json.dumps(d)
+    (tmp_path / "manifest.json").unlink()  # from the shards alone
+    d = describe_store(tmp_path)
+    assert [o["name"] for o in d["outputs"]] == MULTI_NAMES
+    assert d["outputs"][1]["layer"] == "mean(0:2)" and d["outputs"][0]["tokens"] == 4
+
+
+def test_finalize_refuses_unsound_outputs(tmp_path):
+    make_store(tmp_path)
+    infos = list(scan_shards(tmp_path).values())
+    for outputs, match in (([{"name": "a", "dataset": "features/a"}], "not 'features'"),
+                           ([{"name": "a", "dataset": "features/a"},
+                             {"name": "a", "dataset": "features/a"}], "twice"),
+                           ([{"dataset": "features"}], "with a name")):
+        with pytest.raises(ConfigError, match=match):
+            finalize(tmp_path, meta={}, plan={}, shards=infos, complete=True, outputs=outputs)

@@ -18,7 +18,9 @@ ALL_LAYERS = list(range(-(L + 1), L + 1))
 CASES = (
     [("clip_full_dir", f) for f in ("patch", "cls_patch")]
     + [("clip_vision_dir", f) for f in ("patch", "cls_patch")]
-    + [("siglip_dir", "patch")]
+    + [("siglip_dir", "patch"), ("siglip2_dir", "patch")]
+    + [("dinov2_dir", f) for f in ("patch", "cls_patch")]
+    + [("dinov2_reg_dir", f) for f in ("patch", "cls_patch")]
 )
 
 
@@ -29,12 +31,12 @@ def _args(layer: int = -2, feature: str | None = "patch") -> SimpleNamespace:
 
 
 def _reference(path: Path):
-    """transformers' own vision model and its hidden_states for a fixed batch (independent)."""
+    """transformers' own vision model and its hidden_states for a fixed batch of the size its
+    processor makes (independent)."""
     llava = LlavaReference(path)
-    size = llava.model.config.image_size
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(3, 3, size, size, generator=gen)
-    return llava.family, llava.model, x, llava.hidden_states(x)
+    x = torch.randn(3, 3, *llava.input_size, generator=gen)
+    return llava, llava.model, x, llava.hidden_states(x)
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +54,11 @@ def reference(request):
 @pytest.mark.parametrize("fixture, feature", CASES)
 def test_every_layer_matches_transformers_hidden_states(request, reference, fixture, feature):
     path = request.getfixturevalue(fixture)
-    family, _, x, hidden = reference(fixture)
+    llava, _, x, hidden = reference(fixture)
     assert len(hidden) == L + 1
     for layer in ALL_LAYERS:
         tower = CLIPVisionTower(str(path), _args(layer, feature))
-        expected = hidden[layer]
-        if family == "clip" and feature == "patch":
-            expected = expected[:, 1:]
+        expected = llava.select(hidden[layer], feature)
         got = tower(x)
         assert got.dtype == torch.float32
         assert torch.equal(got, expected), (fixture, layer, feature)
@@ -70,16 +70,16 @@ def test_every_layer_matches_transformers_hidden_states(request, reference, fixt
         assert tower.num_tokens == got.shape[1]
 
 
-@pytest.mark.parametrize("fixture", ["clip_full_dir", "siglip_dir"])
+@pytest.mark.parametrize("fixture", ["clip_full_dir", "siglip_dir", "dinov2_reg_dir"])
 def test_feature_select_on_full_model_outputs(request, reference, fixture):
     """LLaVA's path: feature_select(vision_tower(x, output_hidden_states=True)) on a full model."""
     path = request.getfixturevalue(fixture)
-    family, model, x, hidden = reference(fixture)
+    llava, model, x, hidden = reference(fixture)
     tower = CLIPVisionTower(str(path), _args(-2, "patch"))
     with torch.no_grad():
         outs = model(x, output_hidden_states=True)
     selected = tower.feature_select(outs)
-    expected = hidden[-2][:, 1:] if family == "clip" else hidden[-2]
+    expected = llava.select(hidden[-2], "patch")
     assert torch.equal(selected, expected)
     assert torch.equal(tower(x), expected)
 

@@ -10,9 +10,17 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from stores import Shard, build_store, write_shard
+from stores import (
+    MULTI_META,
+    MULTI_OUTPUTS,
+    Output,
+    Shard,
+    build_store,
+    multi_output_store,
+    write_shard,
+)
 
-from clipfeat.store import ShardWriter
+from clipfeat.store import ShardWriter, finalize, scan_shards
 from clipfeat.verify import VerifyReport, verify_store
 
 TOKENS, HIDDEN = 6, 16
@@ -483,3 +491,79 @@ def test_cli_allow_pickle(tmp_path, fake_compute):
     res = _cli(tmp_path, "--model", "m", "--sample", "2", "--allow-pickle")
     assert res.exit_code == 0, res.output
     assert state["allow_pickle"] is True and "2 rows re-extracted" in res.stdout
+
+
+# ----------------------------------------------------------------------------- several outputs
+
+SIGLIP = MULTI_OUTPUTS[1].name
+
+
+def _multi(out: Path, **kw) -> dict:
+    want = multi_output_store(out, **kw)
+    (out / ".clipfeat" / "plan.jsonl").write_text("\n".join(
+        [json.dumps({"version": 1, "shard_size": 5})]
+        + [json.dumps({"key": k, "path": f"/img/{k}", "i": i})
+           for i, k in enumerate(want[SIGLIP])]) + "\n")
+    return want
+
+
+def test_several_output_store_passes(tmp_path):
+    _multi(tmp_path)
+    report = verify_store(tmp_path)
+    assert report.ok, report.format()
+    assert report.checked_shards == 3 and report.checked_rows == 5
+
+
+def test_nan_in_one_output_is_named(tmp_path):
+    _multi(tmp_path)
+    with h5py.File(tmp_path / "shard-000002.h5", "r+") as f:
+        f[f"features/{SIGLIP}"][1, 2, 3] = np.nan
+    report = verify_store(tmp_path)
+    found = problems_about(report, "shard-000002.h5")
+    assert len(found) == 1 and f"NaN/Inf in 1 rows of features/{SIGLIP} (1)" in found[0]
+
+
+def test_output_attributes_checked_against_the_manifest(tmp_path):
+    _multi(tmp_path)
+    man = json.loads((tmp_path / "manifest.json").read_text())
+    man["outputs"][1]["layer"] = "mean(0:3)"
+    (tmp_path / "manifest.json").write_text(json.dumps(man))
+    assert verify_store(tmp_path).problems == [
+        f"shard-000000.h5: attribute features/{SIGLIP}:layer='mean(0:2)' differs from its "
+        "entry in manifest.json outputs ('mean(0:3)')"]
+    man["outputs"][0]["hidden_size"] = 9
+    (tmp_path / "manifest.json").write_text(json.dumps(man))
+    problems = verify_store(tmp_path).problems
+    assert len(problems) == 3 and all(
+        "features/tiny-clip/-2 have hidden size 8 but the manifest.json outputs entry "
+        "hidden_size is 9" in p for p in problems), problems
+
+
+def test_output_settings_differ_between_shards(tmp_path):
+    want = _multi(tmp_path)
+    keys = list(want[SIGLIP])[3:]  # shard 2's
+    feats = [np.stack([want[o.name][k] for k in keys]) for o in MULTI_OUTPUTS]
+    outputs = [MULTI_OUTPUTS[0], Output(SIGLIP, dict(MULTI_OUTPUTS[1].attrs, feature="cls_patch"))]
+    write_shard(tmp_path, 2, Shard(keys, feats), attrs=MULTI_META, outputs=outputs)
+    man = json.loads((tmp_path / "manifest.json").read_text())
+    finalize(tmp_path, meta=man["config"], plan=man["plan"], outputs=man["outputs"],
+             shards=scan_shards(tmp_path).values(), complete=True)
+    problems = verify_store(tmp_path).problems
+    assert problems == [f"shard-000002.h5: attribute features/{SIGLIP}:feature='cls_patch' "
+                        "differs from shard-000000.h5 ('patch')"]
+
+
+def test_sampling_reads_each_output_with_its_own_settings(tmp_path, fake_compute):
+    calls, state = fake_compute
+    want = _multi(tmp_path)
+    state["answer"] = lambda key, path: want["tiny-clip/-2"][key].astype(np.float32)
+    report = verify_store(tmp_path, model="/other/tiny-clip", sample=3)
+    assert report.ok, report.format()
+    assert report.sampled == 3 and len(calls) == 1  # only the outputs of that tower
+    (items, meta, model, _), = calls
+    assert meta["layer"] == -2 and meta["model"] == "/ckpt/tiny-clip" and meta["aspect"] == "pad"
+    report = verify_store(tmp_path, model="/ckpt/tiny-siglip", sample=2)
+    assert report.sampled == 2 and len(calls) == 2  # the mean layer is re-extracted too
+    assert calls[1][1]["layer"] == "mean(0:2)" and calls[1][2] == "/ckpt/tiny-siglip"
+    assert any("output tiny-clip/-2: not re-extracted (no --model names its tower" in n
+               for n in report.notes), report.notes

@@ -29,6 +29,7 @@ from clipfeat.decode.worker import (
 from clipfeat.decode.workers import WorkerSet, check_main_guard
 from clipfeat.errors import ConfigError
 from clipfeat.preprocess import ASPECTS, DEFAULT_MAX_PIXELS, PreprocessSpec
+from clipfeat.specset import SpecSet, pixel_shape
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,9 @@ class DecodePool:
         start_method: str | None = None,
         startup_timeout: float = 120.0,
     ) -> None:
-        if not isinstance(spec, PreprocessSpec):
-            raise ConfigError(f"spec must be a PreprocessSpec, got {type(spec).__name__}")
+        if not isinstance(spec, (PreprocessSpec, SpecSet)):
+            raise ConfigError(f"spec must be a PreprocessSpec or a SpecSet, got "
+                              f"{type(spec).__name__}")
         if aspect not in ASPECTS:
             raise ConfigError(f"unknown aspect {aspect!r}; expected one of {ASPECTS}")
         workers = default_workers() if workers is None else workers
@@ -133,7 +135,7 @@ class DecodePool:
         if self.workers == 0:
             return
         if self._pixels is None:
-            self._pixels = Slots(self.max_pending, (3, self.spec.out_height, self.spec.out_width))
+            self._pixels = Slots(self.max_pending, pixel_shape(self.spec))
         if self._workers is None:
             self._workers = WorkerSet(
                 self.workers, worker_main,

@@ -34,18 +34,21 @@ def _shared_fd(size: int) -> int:
 
 
 class Slots:
-    """Shared memory for decoded pixels: ``count`` slots of one uint8 ``shape`` image each.
+    """Shared memory for decoded pixels: ``count`` slots of one uint8 ``shape`` array each
+    (an image (3, H, W), or the flat pixels of several preprocessings).
 
     The parent creates it; each worker maps the same memory (the descriptor travels with the
     process arguments). Pages are only backed once written, so unused slots cost nothing.
     """
 
-    def __init__(self, count: int, shape: tuple[int, int, int], fd: int | None = None) -> None:
+    def __init__(self, count: int, shape: tuple[int, ...], fd: int | None = None) -> None:
+        import math
+
         import numpy as np
 
         self.count = count
-        self.shape = shape
-        self.nbytes = shape[0] * shape[1] * shape[2]
+        self.shape = tuple(shape)
+        self.nbytes = math.prod(shape)
         size = count * self.nbytes
         self.fd = _shared_fd(size) if fd is None else fd
         try:
@@ -89,5 +92,5 @@ class Slots:
                 pass
 
 
-def _attach_slots(fd: Any, count: int, shape: tuple[int, int, int]) -> Slots:
+def _attach_slots(fd: Any, count: int, shape: tuple[int, ...]) -> Slots:
     return Slots(count, shape, fd=fd.detach())

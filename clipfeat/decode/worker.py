@@ -28,6 +28,7 @@ from clipfeat.preprocess import (
     to_uint8,
 )
 from clipfeat.sources import opened
+from clipfeat.specset import SpecSet, pixel_shape
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -39,16 +40,19 @@ DecodeFn = Callable[[str, PreprocessSpec, str, bool, "int | None"], "np.ndarray"
 
 def decode_file(
     path: str,
-    spec: PreprocessSpec,
+    spec: PreprocessSpec | SpecSet,
     aspect: str = "square",
     exif_transpose: bool = False,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> np.ndarray:
-    """Decode one file exactly as LLaVA does and return uint8 (3, out_h, out_w).
+    """Decode one file exactly as LLaVA does and return uint8 (3, out_h, out_w); for a
+    `SpecSet` (several towers), decode it once and return every spec's pixels, flat.
 
     ``path`` may also be an image inside a tar or parquet file (`clipfeat.sources`): its
     bytes are read where they are and decoded as the same file on disk would be."""
     with opened(path) as src:
+        if isinstance(spec, SpecSet):
+            return spec.decode(src, aspect, exif_transpose, max_pixels)
         img = load_image(src, exif_transpose=exif_transpose, max_pixels=max_pixels)
     return to_uint8(img, spec, aspect, max_pixels=max_pixels)
 
@@ -235,8 +239,9 @@ def with_stderr(error: str, said: str) -> str:
     return f"{error} ({said})" if said else error
 
 
-def worker_main(conn: Any, main_pid: int, decode_fn: DecodeFn | str, spec: PreprocessSpec,
-                 aspect: str, exif_transpose: bool, max_pixels: int | None,
+def worker_main(conn: Any, main_pid: int, decode_fn: DecodeFn | str,
+                spec: PreprocessSpec | SpecSet,
+                aspect: str, exif_transpose: bool, max_pixels: int | None,
                  slots: Slots) -> None:
     """Worker loop: receive (seq, path, slot); write the pixels into the slot and send
     (seq, PIXELS, None, False, stderr), or send (seq, None, error, retryable, stderr)."""
@@ -248,7 +253,7 @@ def worker_main(conn: Any, main_pid: int, decode_fn: DecodeFn | str, spec: Prepr
     stderr = StderrCapture()  # nothing a decoder writes to fd 2 reaches the terminal
     warnings.simplefilter("ignore")  # Pillow's chatter; decompression bombs are handled
     fn = resolve_decoder(decode_fn)
-    shape = (3, spec.out_height, spec.out_width)
+    shape = pixel_shape(spec)
     try:
         conn.send(("ready", os.getpid()))
         while True:

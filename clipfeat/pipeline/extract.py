@@ -21,14 +21,14 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from clipfeat.config import ExtractConfig
 from clipfeat.errors import ConfigError, ExtractionError, Interrupted, StoreError
 from clipfeat.pipeline.device import resolve_device, resolve_dtype
 from clipfeat.pipeline.feed import DecodeFeed
 from clipfeat.pipeline.loop import run_chunks
-from clipfeat.pipeline.settings import RunSettings, identity_diff, source_record
+from clipfeat.pipeline.settings import RunSettings, TowerSetup, identity_diff, source_record
 from clipfeat.pipeline.signals import Signalled, check_signal, signal_guard
 from clipfeat.pipeline.summary import Progress, Summary
 
@@ -41,8 +41,8 @@ class Prepared:
 
     cfg: ExtractConfig
     out: Path
-    ref: Any  # clipfeat.modelref.ModelRef
-    spec: Any  # clipfeat.preprocess.PreprocessSpec
+    towers: tuple[TowerSetup, ...]  # each --model resolved, with its preprocessing
+    spec: Any  # what the decoders make: the one PreprocessSpec, or a SpecSet of several
     settings: RunSettings  # compute_dtype still None
     items: list[Any]
     existing_plan: Any  # clipfeat.plan.Plan or None
@@ -56,8 +56,9 @@ class Run:
     out: Path
     device: str
     settings: RunSettings
-    spec: Any
-    tower: Any
+    spec: Any  # as Prepared.spec
+    towers: list[Any]  # loaded CLIPVisionTowers, in --model order (none: nothing to do)
+    tower_specs: tuple[Any, ...]  # the PreprocessSpec each tower is fed
 
 
 def extract(
@@ -124,8 +125,9 @@ def _extract(cfg: ExtractConfig, progress: Progress | None) -> Summary:
         # Load (and so validate) the weights before anything is written to OUT.
         t_load = time.perf_counter()
         nothing_left = todo == [] and not replace and not checked.damaged
-        tower = None if nothing_left else _load_tower(prep, device, settings)
-        run = Run(cfg, out, device, settings, prep.spec, tower)
+        towers = [] if nothing_left else _load_towers(prep, device, settings)
+        run = Run(cfg, out, device, settings, prep.spec, towers,
+                  tuple(t.spec for t in prep.towers))
         t_loaded = time.perf_counter()
         if dist.is_main:
             if lock is not None:
@@ -219,11 +221,12 @@ def _announce(progress: Progress | None, cfg: ExtractConfig, plan: Any,
         return
     total = len(plan.items)
     if todo is None:  # torchrun: the ranks split what is left
-        note(f"{total:,} images planned in {len(plan.chunks):,} shards; loading {cfg.model}")
+        note(f"{total:,} images planned in {len(plan.chunks):,} shards; loading "
+             f"{cfg.model_names}")
     elif todo:
         left = sum(len(c) for c in todo)
         note(f"{left:,} of {total:,} images to extract ({len(todo):,} shards) with "
-             f"{cfg.model} on device {cfg.device}: loading torch and the model")
+             f"{cfg.model_names} on device {cfg.device}: loading torch and the model")
 
 
 def _record_identity(plan: Any, settings: RunSettings, *, new: bool) -> None:
@@ -235,9 +238,10 @@ def _record_identity(plan: Any, settings: RunSettings, *, new: bool) -> None:
         plan.header["identity"] = settings.identity()
         return
     ident = plan.header.setdefault("identity", {})
+    now = settings.identity()
     for k in ADDED_IDENTITY_FIELDS:
-        if ident.get(k) is None and getattr(settings, k):
-            ident[k] = getattr(settings, k)
+        if ident.get(k) is None and now.get(k):
+            ident[k] = now[k]
             plan.dirty = True
 
 
@@ -296,32 +300,22 @@ def prepare(cfg: ExtractConfig) -> Prepared:
     (importing torch takes seconds, and decoding can start meanwhile).
     """
     from clipfeat import distributed, sources
-    from clipfeat.modelref import resolve_model
-    from clipfeat.preprocess import PreprocessSpec, check_spec_fits
-    from clipfeat.tower import check_feature
+    from clipfeat.specset import SpecSet
 
     cfg.validate()
     out = Path(cfg.out).expanduser()
     sources.check_roots(cfg.roots)
     _check_out(out)
 
-    # Resolved once per run: the tower is built from this very ModelRef.
-    ref = resolve_model(cfg.model, revision=cfg.revision, need_weights=True,
-                        allow_pickle=cfg.allow_pickle)
-    check_feature(cfg.feature, ref.family)
-    if ref.preprocessor_config is None:
-        logger.warning("model %r has no preprocessor_config.json: using the %s defaults at %d px",
-                       cfg.model, ref.family, ref.image_size)
-    spec = PreprocessSpec.from_processor_config(
-        ref.preprocessor_config, family=ref.family, image_size=ref.image_size
-    )
-    check_spec_fits(spec, ref.image_size, path=ref.local_dir / "preprocessor_config.json")
-    _check_batch_memory(cfg, ref, spec)
+    towers = tuple(_resolve_tower(cfg, req) for req in cfg.towers())
+    specs = [t.spec for t in towers]
+    spec = specs[0] if len(set(specs)) == 1 else SpecSet.of(specs)
+    _check_batch_memory(cfg, towers, spec)
     scan = distributed.env_world()[0] == 0
     items, exts = _gather_items(cfg, out, scan=scan)
     images = sum(1 for it in items if not it.error) if scan else None
     cfg = dataclasses.replace(cfg, workers=cfg.capped_workers(images))
-    settings = RunSettings.of(cfg, ref, spec, source_record(cfg, exts))
+    settings = RunSettings.of(cfg, towers, source_record(cfg, exts))
     plan = None
     if not cfg.overwrite and out.is_dir():
         plan = _existing_plan(out, cfg, items, settings, main=scan)
@@ -338,7 +332,29 @@ def prepare(cfg: ExtractConfig) -> Prepared:
                 f"--out {out} was planned with: rerun with --shard-size "
                 f"{plan.shard_size}, or --overwrite to start over"
             )
-    return Prepared(cfg, out, ref, spec, settings, items, plan)
+    return Prepared(cfg, out, towers, spec, settings, items, plan)
+
+
+def _resolve_tower(cfg: ExtractConfig, req: Any) -> TowerSetup:
+    """One --model resolved (once per run: its tower is built from this very ModelRef), its
+    feature and layers checked against it, and its preprocessing."""
+    from clipfeat.modelref import resolve_model
+    from clipfeat.outputs import check_distinct
+    from clipfeat.preprocess import PreprocessSpec, check_spec_fits
+    from clipfeat.tower import check_feature
+
+    ref = resolve_model(req.model, revision=req.revision, need_weights=True,
+                        allow_pickle=cfg.allow_pickle)
+    check_feature(req.feature, ref.family)
+    check_distinct(req.layers, ref.num_hidden_layers, model=req.model)
+    if ref.preprocessor_config is None:
+        logger.warning("model %r has no preprocessor_config.json: using the %s defaults at %d px",
+                       req.model, ref.family, ref.image_size)
+    spec = PreprocessSpec.from_processor_config(
+        ref.preprocessor_config, family=ref.family, image_size=ref.image_size
+    )
+    check_spec_fits(spec, ref.image_size, path=ref.local_dir / "preprocessor_config.json")
+    return TowerSetup(req, ref, spec)
 
 
 def _existing_plan(out: Path, cfg: ExtractConfig, items: list[Any], settings: RunSettings,
@@ -392,15 +408,11 @@ def _rebuild_plan(out: Path, cfg: ExtractConfig, items: list[Any], settings: Run
 def _shard_identity(intact: dict[int, Any], settings: RunSettings, keep: str) -> dict[str, Any]:
     """The run identity the shards' attributes record (the sources: today's, which the
     shards' keys were checked against); StoreError if the shards disagree among themselves."""
-    import json
-
-    from clipfeat.pipeline.settings import IDENTITY_FIELDS
+    from clipfeat.pipeline.settings import identity_from_attrs
 
     found: dict[str, Any] | None = None
     for sid, content in sorted(intact.items()):
-        ident = {k: content.attrs.get(k) for k in IDENTITY_FIELDS if k != "sources"}
-        if isinstance(ident.get("preprocessing"), str):
-            ident["preprocessing"] = json.loads(ident["preprocessing"])
+        ident = identity_from_attrs(content.attrs, content.output_attrs)
         if found is not None and ident != found:
             diffs = identity_diff(found, ident)
             raise StoreError(f"shard {sid} in {content.path.parent} was made with other "
@@ -409,16 +421,22 @@ def _shard_identity(intact: dict[int, Any], settings: RunSettings, keep: str) ->
     return dict(found or {}, sources=settings.sources)
 
 
-def _check_batch_memory(cfg: ExtractConfig, ref: Any, spec: Any) -> None:
+def _check_batch_memory(cfg: ExtractConfig, towers: Sequence[TowerSetup], spec: Any) -> None:
     """Refuse a --batch-size whose pixels and features do not fit in memory (ConfigError)."""
     from clipfeat.config import check_batch_memory
+    from clipfeat.specset import pixel_bytes
     from clipfeat.tower import tokens_per_image
 
-    tokens = tokens_per_image(ref, cfg.feature)
+    shapes = [(tokens_per_image(t.ref, t.request.feature), t.ref.hidden_size, len(t.request.layers))
+              for t in towers]
+    if len(shapes) == 1 and shapes[0][2] == 1:
+        tokens, hidden, _ = shapes[0]
+        what = f"at {spec.out_height}x{spec.out_width} px and {tokens}x{hidden} features"
+    else:
+        what = f"for {sum(n for *_, n in shapes)} outputs per image"
     check_batch_memory(
-        cfg.batch_size, image_bytes=3 * spec.out_height * spec.out_width,
-        feature_bytes=4 * tokens * ref.hidden_size,
-        what=f"at {spec.out_height}x{spec.out_width} px and {tokens}x{ref.hidden_size} features",
+        cfg.batch_size, image_bytes=pixel_bytes(spec),
+        feature_bytes=4 * sum(tok * hid * n for tok, hid, n in shapes), what=what,
     )
 
 
@@ -502,15 +520,15 @@ def settle(prep: Prepared) -> tuple[str, RunSettings, bool]:
 # --------------------------------------------------------------------------- 3. load, plan
 
 
-def _load_tower(prep: Prepared, device: str, settings: RunSettings) -> Any:
-    """The tower on the run's device and dtype, from the run's ModelRef (ModelError on bad
-    weights)."""
+def _load_towers(prep: Prepared, device: str, settings: RunSettings) -> list[Any]:
+    """Every tower on the run's device and dtype, each from its ModelRef, keeping the
+    blocks its deepest layer needs (ModelError on bad weights)."""
     from clipfeat.tower import load_tower
 
-    cfg = prep.cfg
-    return load_tower(cfg.model, layer=cfg.layer, feature=cfg.feature, revision=cfg.revision,
-                      allow_pickle=cfg.allow_pickle, device=device,
-                      dtype=settings.compute_dtype, model_ref=prep.ref)
+    return [load_tower(t.request.model, layers=t.request.layers, feature=t.request.feature,
+                       revision=t.request.revision, allow_pickle=prep.cfg.allow_pickle,
+                       device=device, dtype=settings.compute_dtype, model_ref=t.ref)
+            for t in prep.towers]
 
 
 def _check_finished(out: Path, plan: Any, cfg: ExtractConfig) -> Any:
@@ -611,5 +629,5 @@ def _finalize(run: Run, plan: Any, summary: Summary,
     summary.complete = all(c.id in shards for c in plan.chunks)
     summary.total_failures = sum(s.num_failures for s in shards.values())
     finalize(run.out, meta=run.settings.shard_attrs(), plan=plan.info(), shards=shards.values(),
-             complete=summary.complete)
+             complete=summary.complete, outputs=run.settings.manifest_outputs())
     return shards

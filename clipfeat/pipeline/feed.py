@@ -13,6 +13,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from clipfeat.specset import pixel_bytes
+
 #: The feeder's end-of-input mark.
 END = object()
 
@@ -77,7 +79,7 @@ class DecodeFeed:
         # Room for a few batches, more while the model loads, at most QUEUE_BYTES of pixels
         # (792 images at 336 px, which a 2-core CPU run decodes before torch has loaded).
         # ``extra["queue_bytes"]`` overrides the budget (tests squeeze it).
-        image_bytes = 3 * spec.out_height * spec.out_width
+        image_bytes = pixel_bytes(spec)
         budget = int(cfg.extra.get("queue_bytes", QUEUE_BYTES))
         depth = max(2 * cfg.batch_size, 4 * max(1, cfg.num_workers),
                     min(1024, budget // image_bytes))

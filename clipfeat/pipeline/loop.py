@@ -53,7 +53,7 @@ class Committed:
             try:
                 finalize(self.run.out, meta=self.run.settings.shard_attrs(),
                          plan=self.plan.info(), shards=list(self.shards.values()),
-                         complete=False)
+                         complete=False, outputs=self.run.settings.manifest_outputs())
             except ExtractionError as err:  # the next commit or the final one reports it
                 logger.warning("could not update the manifest: %s", err)
 
@@ -162,8 +162,9 @@ class ChunkLoop:
             while stop < len(rows) and rows[stop][0] == chunk:
                 stop += 1
             last = stop == len(rows)
-            self.sink.rows(chunk, [r[1] for r in rows[start:stop]], feats[start:stop],
-                           release if last else None)
+            part = [f[start:stop] for f in feats]  # one array per output
+            self.sink.rows(chunk, [r[1] for r in rows[start:stop]],
+                           part[0] if len(part) == 1 else part, release if last else None)
             start = stop
         if not rows and release:
             release()
@@ -213,10 +214,11 @@ def run_chunks(run: Any, plan: Any, mine: list[Any], todo_all: list[Any],
         if tuner is not None:
             tuner.step(feed.feeder.backlog(), decoding=not feed.feeder.drained)
         pool = feed.pool
-        device = Device(run.tower, run.spec, run.device, run.settings.compute_dtype,
-                        run.settings.store_dtype)
+        device = Device(run.towers, run.tower_specs, run.spec, run.device,
+                        run.settings.compute_dtype, run.settings.store_dtype)
         committed = Committed(run, plan, finished, summary, refresh=dist.is_main)
-        sink = ShardSink(run.out, run.settings.shard_attrs(), committed).start()
+        sink = ShardSink(run.out, run.settings.shard_attrs(), committed,
+                         run.settings.output_layouts()).start()
         loop = ChunkLoop(run=run, plan=plan, mine=mine,
                          others={c.id: len(c) for c in todo_all if not dist.mine(c.id)},
                          summary=summary, progress=progress, is_main=dist.is_main, feed=feed,

@@ -58,9 +58,11 @@ class ShardSink:
     `finish`.
     """
 
-    def __init__(self, out: Path, attrs: dict[str, Any], on_commit: Callable[[Any], None]):
+    def __init__(self, out: Path, attrs: dict[str, Any], on_commit: Callable[[Any], None],
+                 outputs: list[Any] | None = None):
         self.out = out
         self.attrs = attrs
+        self.outputs = outputs  # several outputs: their `OutputLayout`s (None: one, in attrs)
         self.on_commit = on_commit
         self._q: queue.Queue = queue.Queue(maxsize=8)
         self._sealed: queue.Queue = queue.Queue(maxsize=2)
@@ -143,10 +145,10 @@ class ShardSink:
         if w is None:
             from clipfeat.store import ShardWriter
 
-            w = ShardWriter(self.out, chunk, tokens=self.attrs["tokens"],
-                            hidden=self.attrs["hidden_size"],
-                            store_dtype=self.attrs["store_dtype"], attrs=self.attrs,
-                            expected_rows=self._expected.get(chunk))
+            shape = ({"outputs": self.outputs} if self.outputs is not None else
+                     {"tokens": self.attrs["tokens"], "hidden": self.attrs["hidden_size"]})
+            w = ShardWriter(self.out, chunk, **shape, store_dtype=self.attrs["store_dtype"],
+                            attrs=self.attrs, expected_rows=self._expected.get(chunk))
             self._open[chunk] = w
         return w
 

@@ -8,7 +8,11 @@ from typing import Any
 
 from clipfeat.errors import ConfigError
 
-FORMAT_VERSION = 2  # 2: rows written by pwrite into early-allocated chunks, 1 MiB checksum blocks
+FORMAT_VERSION = 2  # 2: rows written by pwrite into early-allocated chunks, XXH3 checksum blocks
+#: Shards (and stores) of several outputs, each its own dataset ``features/NAME``. A store of
+#: one output is still written exactly as in format 2 (`FORMAT_VERSION`), which every
+#: earlier reader reads.
+MULTI_FORMAT_VERSION = 3
 
 
 STORE_DTYPES = {"float16": "<f2", "float32": "<f4"}
@@ -22,6 +26,21 @@ RESERVED_ATTRS = (
 #: Attributes saying how a run ran: a store resumed elsewhere holds shards that differ here.
 RUN_ATTRS = ("versions", "device")
 PER_SHARD_ATTRS = frozenset(RESERVED_ATTRS) | frozenset(RUN_ATTRS)
+#: Root attribute of a several-output shard: the JSON list of its output names, in order.
+OUTPUTS_ATTR = "outputs"
+#: Attributes that describe one output (its tower, layer and rows). In a several-output
+#: shard they sit on that output's dataset, never among the root (run-level) attributes.
+OUTPUT_ATTRS = (
+    "model", "model_revision", "model_weights", "model_weights_revision", "model_type",
+    "family", "layer", "layer_index", "layer_indices", "num_layers", "feature", "tokens",
+    "hidden_size", "image_size", "patch_size", "has_cls_token", "num_registers",
+    "preprocessing", "output",
+)
+
+
+def format_version(num_outputs: int) -> int:
+    """The format version of a shard or store of ``num_outputs`` outputs."""
+    return MULTI_FORMAT_VERSION if num_outputs > 1 else FORMAT_VERSION
 
 
 def encode_attr(value: Any) -> str | int | float | bool:

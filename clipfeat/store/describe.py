@@ -9,11 +9,17 @@ from pathlib import Path
 from typing import Any
 
 from clipfeat.errors import StoreError
+from clipfeat.outputs import dataset_path
 from clipfeat.store.attrs import PER_SHARD_ATTRS, decode_attr
 from clipfeat.store.layout import FAILURES, MANIFEST, is_store
 from clipfeat.store.manifest import read_manifest
+from clipfeat.store.outputs import config_output, output_attrs
 from clipfeat.store.shard import ShardInfo, open_shard, scan_shards
 from clipfeat.units import human_bytes, plural
+
+#: What ``describe_store`` says of each output.
+OUTPUT_FIELDS = ("name", "dataset", "model", "model_revision", "layer", "feature", "tokens",
+                 "hidden_size")
 
 
 def _first_int(d: dict | None, *names: str) -> int | None:
@@ -65,13 +71,18 @@ def describe_store(out_dir: str | os.PathLike) -> dict:
         shards = [ShardInfo.from_manifest(e) for e in man["shards"]]
         meta, plan, complete = man.get("config") or {}, man.get("plan") or {}, man.get("complete")
         updated = man.get("updated")
+        entries = man.get("outputs") or [config_output(meta)]
     else:
         shards = list(scan_shards(out).values())
         meta, plan, complete, updated = {}, {}, False, None
+        entries = []
         if shards:
             with open_shard(out / shards[0].file) as f:
                 meta = {k: decode_attr(v) for k, v in f.attrs.items()
                         if k not in PER_SHARD_ATTRS}
+                own = output_attrs(f)
+            entries = [dict(a, name=n, dataset=dataset_path(n, len(own)))
+                       for n, a in own.items()] or [config_output(meta)]
     reasons: dict[str, int] = {}
     failures_path = out / FAILURES
     num_failures = 0
@@ -117,6 +128,7 @@ def describe_store(out_dir: str | os.PathLike) -> dict:
         "pending_shard_ids": pending[:20] if pending is not None else None,
         "bytes": disk,
         "updated": updated,
+        "outputs": [{k: e.get(k) for k in OUTPUT_FIELDS} for e in entries],
         "config": {
             "model": meta.get("model"),
             "model_revision": meta.get("model_revision"),
@@ -132,27 +144,51 @@ def describe_store(out_dir: str | os.PathLike) -> dict:
     }
 
 
-def format_store(d: dict) -> str:
-    """Human-readable text of ``describe_store``'s dict (missing entries show as '?')."""
+def _unknown(value: Any) -> Any:
+    return "?" if value is None else value
+
+
+def _output_lines(d: dict) -> list[str]:
+    """The lines saying what a store holds: its one output's model, layer and shape, or a
+    line per output of a several-output store."""
     c = d.get("config") or {}
 
     def v(key: str) -> Any:
-        value = c.get(key)
-        return "?" if value is None else value
+        return _unknown(c.get(key))
 
+    outputs = d.get("outputs") or []
+    if len(outputs) < 2:
+        return [
+            f"model      {v('model')}"
+            + (f" @ {c['model_revision']}" if c.get("model_revision") else ""),
+            f"layer      {v('layer')}"
+            + (f" (hidden_states[{c['layer_index']}])" if c.get("layer_index") is not None
+               else "")
+            + f", feature {v('feature')}, aspect {v('aspect')}",
+            f"features   {v('tokens')} x {v('hidden_size')} {v('store_dtype')}"
+            f" (computed in {v('compute_dtype')})",
+        ]
+    width = max(len(str(o.get("name"))) for o in outputs)
+    lines = [f"outputs    {len(outputs)}, {v('store_dtype')} (computed in "
+             f"{v('compute_dtype')}), aspect {v('aspect')}"]
+    for o in outputs:
+        lines.append(
+            f"  {str(o.get('name')):<{width}}  {_unknown(o.get('tokens'))} x "
+            f"{_unknown(o.get('hidden_size'))}, layer {_unknown(o.get('layer'))}, feature "
+            f"{_unknown(o.get('feature'))}, model {_unknown(o.get('model'))}"
+            + (f" @ {o['model_revision']}" if o.get("model_revision") else ""))
+    return lines
+
+
+def format_store(d: dict) -> str:
+    """Human-readable text of ``describe_store``'s dict (missing entries show as '?')."""
     state = "complete" if d.get("complete") else "INCOMPLETE"
     lines = [
         f"store      {d.get('path', '?')} ({state})",
         f"images     {d.get('images', '?')} in "
         + (plural(d["shards"], "shard") if isinstance(d.get("shards"), int) else "? shards")
         + (f", {human_bytes(d['bytes'])} on disk" if d.get("bytes") is not None else ""),
-        f"model      {v('model')}"
-        + (f" @ {c['model_revision']}" if c.get("model_revision") else ""),
-        f"layer      {v('layer')}"
-        + (f" (hidden_states[{c['layer_index']}])" if c.get("layer_index") is not None else "")
-        + f", feature {v('feature')}, aspect {v('aspect')}",
-        f"features   {v('tokens')} x {v('hidden_size')} {v('store_dtype')}"
-        f" (computed in {v('compute_dtype')})",
+        *_output_lines(d),
     ]
     if d.get("missing_shards"):
         names = ", ".join(d.get("missing_shard_files") or [])

@@ -1,7 +1,8 @@
 """Which finished shards a rerun may trust, and what a shard says about its chunk.
 
 A finished shard is kept on resume only if it still is what its run committed: its keys and
-failure records match the checksums in its attributes, its row count and id agree, keys plus
+failure records match the checksums in its attributes, every output dataset is there with
+one row per key and its id agrees, keys plus
 failures are exactly the plan's items of its chunk, and its size and user-block checksum
 are those manifest.json lists (where it lists the shard). The feature bytes are not re-hashed
 here (that reads the whole store; ``clipfeat verify`` does it). A shard that fails is
@@ -27,6 +28,7 @@ from clipfeat.store.io import unlink_quietly
 from clipfeat.store.keys import key_bytes, key_str, seq_sha256
 from clipfeat.store.layout import list_shard_files
 from clipfeat.store.manifest import read_manifest
+from clipfeat.store.outputs import output_attrs, shard_rows
 from clipfeat.store.shard import ShardInfo
 
 log = logging.getLogger(__name__)
@@ -35,13 +37,15 @@ log = logging.getLogger(__name__)
 @dataclass
 class ShardContent:
     """What one finished shard holds besides its features: keys in row order, failure
-    records, attributes; ``problem`` says why it cannot be trusted (None when it can)."""
+    records, attributes (the root's; for a several-output shard ``output_attrs`` holds each
+    output's own, by name); ``problem`` says why it cannot be trusted (None when it can)."""
 
     shard_id: int
     path: Path
     keys: list[str] = field(default_factory=list)
     failures: list[dict] = field(default_factory=list)
     attrs: dict[str, Any] = field(default_factory=dict)
+    output_attrs: dict[str, dict[str, Any]] = field(default_factory=dict)
     info: ShardInfo | None = None
     problem: str | None = None
 
@@ -52,7 +56,10 @@ def _raw(values) -> list[bytes]:
 
 def _content_problem(f, sid: int, attrs: dict, keys_raw: list[bytes],
                      fail_raw: list[bytes]) -> str | None:
-    n = int(f["features"].shape[0])
+    try:
+        n = shard_rows(f)  # every output present, shaped as its attributes say
+    except ValueError as err:
+        return f"its features are not sound ({err})"
     if attrs.get("keys_sha256") is not None and seq_sha256(keys_raw) != attrs["keys_sha256"]:
         return "its keys changed since it was written (keys checksum differs)"
     if (attrs.get("failures_sha256") is not None
@@ -77,6 +84,8 @@ def read_shard_content(path: str | os.PathLike, shard_id: int) -> ShardContent:
             fail_raw = _raw(f["failures"][...]) if "failures" in f else []
             res.problem = _content_problem(f, shard_id, attrs, keys_raw, fail_raw)
             res.failures = [json.loads(key_str(r)) for r in fail_raw]
+            if res.problem is None:
+                res.output_attrs = output_attrs(f)
         recorded = shard_checksum(path)
         size = os.stat(path).st_size
     except Exception as err:  # noqa: BLE001 - h5py raises many types for damaged files

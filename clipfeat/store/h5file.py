@@ -1,7 +1,8 @@
 """HDF5 files of shards: the guarded file HDF5 writes its metadata through, the features
-dataset with its chunks allocated up front, and where each row's chunk lies in the file.
+datasets with their chunks allocated up front, and where each row's chunk lies in the file.
 
-HDF5 itself never writes a feature byte. The ``features`` dataset is chunked one row per
+HDF5 itself never writes a feature byte. A features dataset (``features``, or one
+``features/NAME`` per output of a several-output shard) is chunked one row per
 chunk, unfiltered, with early allocation and no fill: growing it by n rows makes HDF5
 reserve n chunks (metadata only) and `RowSpace` asks where they are, so the rows can go to
 disk with ``os.pwrite`` (which releases the GIL) and no Python callback per byte.
@@ -124,11 +125,30 @@ def open_shard(path: str | os.PathLike):
         return h5py.File(path, "r", rdcc_nbytes=0)
 
 
+def _parent_groups(f: Any, name: str) -> None:
+    """Create the groups above dataset path ``name`` that do not exist yet, without
+    timestamps (so a shard's bytes depend only on what it holds)."""
+    import h5py
+
+    parts = name.split("/")[:-1]
+    for i in range(1, len(parts) + 1):
+        path = "/".join(parts[:i])
+        if path in f:
+            continue
+        gcpl = h5py.h5p.create(h5py.h5p.GROUP_CREATE)
+        gcpl.set_obj_track_times(False)
+        h5py.h5g.create(f.id, path.encode(), gcpl=gcpl)
+
+
 def create_rows_dataset(f: Any, name: str, tokens: int, hidden: int, dtype: Any) -> Any:
-    """An empty (0, tokens, hidden) dataset in ``f``, one chunk per row, chunks allocated
-    as the dataset grows and never filled by HDF5, no timestamps."""
+    """An empty (0, tokens, hidden) dataset in ``f`` at path ``name`` (groups above it are
+    created), one chunk per row, chunks allocated as the dataset grows and never filled by
+    HDF5, no timestamps."""
     import h5py
     import numpy as np
+
+    if "/" in name:
+        _parent_groups(f, name)
 
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
     dcpl.set_chunk((1, tokens, hidden))

@@ -11,12 +11,13 @@ import io
 import logging
 import os
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from clipfeat.errors import ExtractionError, StoreError
-from clipfeat.store.attrs import FORMAT_VERSION
+from clipfeat.outputs import FEATURES_DATASET
+from clipfeat.store.attrs import format_version
 from clipfeat.store.io import atomic_write_json, fsync_dir, os_error_message, read_json, remove_tree
 from clipfeat.store.keys import key_bytes, key_hash, key_str
 from clipfeat.store.layout import INDEX_FILE, INDEX_FORMAT, META_DIR
@@ -62,18 +63,41 @@ def row_offsets(ds):
     return offsets
 
 
-def read_layout(path: Path) -> tuple[list[bytes], Any]:
-    """(raw keys, raw row offsets or None) of one finished shard."""
+def read_layout(path: Path, datasets: Sequence[str] | None = None) -> tuple[list[bytes], Any]:
+    """(raw keys, raw row offsets) of one finished shard: offsets of ``datasets`` (default
+    its one ``features``) as an (n,) array for one dataset, (n, k) for k, -1 where a row
+    must be read through h5py; None instead of the (n,) array for one such dataset."""
+    import numpy as np
+
+    paths = list(datasets or [FEATURES_DATASET])
     try:
         with open_shard(path) as f:
             keys = [r if isinstance(r, bytes) else key_bytes(r) for r in f["keys"][...]]
-            offsets = row_offsets(f["features"])
+            found = [row_offsets(f[p]) for p in paths]
+            for p in paths:
+                if int(f[p].shape[0]) != len(keys):
+                    raise ValueError(f"{p} has {f[p].shape[0]} rows for {len(keys)} keys")
     except (OSError, KeyError, ValueError, RuntimeError) as err:
         raise StoreError(
             f"{path}: cannot read its keys ({str(err).splitlines()[0] if str(err) else err!r});"
             " run clipfeat verify"
         ) from err
+    if len(paths) == 1:
+        return keys, found[0]
+    offsets = np.full((len(keys), len(paths)), -1, dtype=np.int64)
+    for j, offs in enumerate(found):
+        if offs is not None:
+            offsets[:, j] = offs
     return keys, offsets
+
+
+def _as_rows(offs: Any, n: int, k: int):
+    """``read_layout``'s offsets as the index stores them: (n,) for one dataset, (n, k)."""
+    import numpy as np
+
+    if offs is None:
+        return np.full((n,) if k == 1 else (n, k), -1, np.int64)
+    return offs
 
 
 def index_shards(shards: Iterable[ShardInfo]) -> list[list]:
@@ -82,16 +106,20 @@ def index_shards(shards: Iterable[ShardInfo]) -> list[list]:
             for s in sorted(shards, key=lambda s: s.shard_id)]
 
 
-def write_index(out_dir: str | os.PathLike, shards: Iterable[ShardInfo]) -> None:
+def write_index(out_dir: str | os.PathLike, shards: Iterable[ShardInfo],
+                datasets: Sequence[str] | None = None) -> None:
     """Write the key index of ``shards`` (in store order) under OUT/.clipfeat/.
 
     Arrays (``np.save``, no pickle) go to a fresh ``index-<token>/`` folder: sorted 64-bit
     key hashes with their store positions, the keys themselves (one UTF-8 blob + offsets)
-    and each row's byte offset in its shard. The header ``index.json`` that points at them
-    is replaced last, so a crash leaves the old index in place.
+    and each row's byte offset in its shard: an (n,) array for a store of one output,
+    (n, k) for the feature ``datasets`` of k outputs (in that order). The header
+    ``index.json`` that points at them is replaced last, so a crash leaves the old index
+    in place.
     """
     import numpy as np
 
+    paths = list(datasets or [FEATURES_DATASET])
     out = Path(out_dir)
     meta_dir = out / META_DIR
     ordered = sorted(shards, key=lambda s: s.shard_id)
@@ -100,7 +128,7 @@ def write_index(out_dir: str | os.PathLike, shards: Iterable[ShardInfo]) -> None
     blobs: list[bytes] = []
     row_offsets = []
     for info in ordered:
-        raw, offs = read_layout(out / info.file)
+        raw, offs = read_layout(out / info.file, paths)
         if len(raw) != info.num_rows:
             raise StoreError(
                 f"{out / info.file}: {len(raw)} keys but {info.num_rows} rows expected"
@@ -108,7 +136,7 @@ def write_index(out_dir: str | os.PathLike, shards: Iterable[ShardInfo]) -> None
         blobs.extend(raw)
         lengths.extend(len(r) for r in raw)
         hashes.extend(key_hash(r) for r in raw)
-        row_offsets.append(offs if offs is not None else np.full(len(raw), -1, np.int64))
+        row_offsets.append(_as_rows(offs, len(raw), len(paths)))
     n = len(blobs)
     offsets = np.zeros(n + 1, dtype=np.int64)
     offsets[1:] = np.cumsum(np.asarray(lengths, dtype=np.int64))
@@ -119,7 +147,7 @@ def write_index(out_dir: str | os.PathLike, shards: Iterable[ShardInfo]) -> None
         "positions": order.astype(np.int64),
         "offsets": offsets,
         "blob": np.frombuffer(b"".join(blobs), dtype=np.uint8),
-        "rows": (np.concatenate(row_offsets) if row_offsets else np.zeros(0, np.int64)),
+        "rows": (np.concatenate(row_offsets) if row_offsets else _as_rows(None, 0, len(paths))),
     }
     idx_dir = meta_dir / f"index-{uuid.uuid4().hex[:12]}"
     checksums: dict[str, str] = {}
@@ -141,13 +169,15 @@ def write_index(out_dir: str | os.PathLike, shards: Iterable[ShardInfo]) -> None
         raise ExtractionError(os_error_message(err, idx_dir)) from err
     header = {
         "format": INDEX_FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version(len(paths)),
         "dir": idx_dir.name,
         "num_keys": n,
         "hash": "blake2b-64-le",
         "shards": index_shards(ordered),
         "checksums": checksums,
     }
+    if len(paths) > 1:  # an index of one output reads as before: no new field
+        header["datasets"] = paths
     atomic_write_json(meta_dir / INDEX_FILE, header)
     for entry in os.scandir(meta_dir):
         if entry.name.startswith("index-") and entry.name != idx_dir.name and entry.is_dir():
@@ -157,7 +187,7 @@ def write_index(out_dir: str | os.PathLike, shards: Iterable[ShardInfo]) -> None
 class ArrayIndex:
     """Key -> store position through memory-mapped arrays (sorted 64-bit key hashes)."""
 
-    def __init__(self, folder: Path, num_keys: int) -> None:
+    def __init__(self, folder: Path, num_keys: int, num_datasets: int = 1) -> None:
         import numpy as np
 
         def load(name: str):
@@ -170,6 +200,7 @@ class ArrayIndex:
         self.rows = load("rows")
         if not (
             len(self.hashes) == len(self.positions) == len(self.rows) == num_keys
+            and self.rows.shape[1:] == (() if num_datasets == 1 else (num_datasets,))
             and len(self.offsets) == num_keys + 1
             and (num_keys == 0 or int(self.offsets[-1]) == len(self.blob))
         ):
@@ -198,8 +229,10 @@ class ArrayIndex:
         off = self.offsets.tolist()
         return [key_str(blob[off[i]:off[i + 1]]) for i in range(self.n)]
 
-    def row_offset(self, pos: int) -> int | None:
-        off = int(self.rows[pos])
+    def row_offset(self, pos: int, dataset: int = 0) -> int | None:
+        """Where row ``pos`` of the ``dataset``-th feature dataset lies in its shard (None:
+        read it through h5py)."""
+        off = int(self.rows[pos] if self.rows.ndim == 1 else self.rows[pos, dataset])
         return off if off >= 0 else None
 
 
@@ -222,7 +255,7 @@ class DictIndex:
     def keys(self) -> list[str]:
         return list(self._keys)
 
-    def row_offset(self, pos: int) -> int | None:
+    def row_offset(self, pos: int, dataset: int = 0) -> int | None:
         return None  # unknown: FeatureStore reads the shard's layout on first use
 
 
@@ -253,10 +286,12 @@ def _file_digest(path: Path) -> str:
 
 
 def _open_index(out_dir: str | os.PathLike, shards: list[ShardInfo], *,
-                check: bool = True) -> ArrayIndex | None:
-    """The key index made for ``shards``; None if there is none. Raises `_Stale` when it
-    was made for other shards and `IndexDamaged` when its files do not match the checksums
-    its header records (an index written before checksums were recorded is taken as it is)."""
+                check: bool = True, datasets: Sequence[str] | None = None) -> ArrayIndex | None:
+    """The key index made for ``shards`` (and their feature ``datasets``, default the one
+    ``features``); None if there is none. Raises `_Stale` when it was made for other shards
+    or datasets and `IndexDamaged` when its files do not match the checksums its header
+    records (an index written before checksums were recorded is taken as it is)."""
+    paths = list(datasets or [FEATURES_DATASET])
     meta_dir = Path(out_dir) / META_DIR
     header_path = meta_dir / INDEX_FILE
     if not header_path.exists():
@@ -269,6 +304,9 @@ def _open_index(out_dir: str | os.PathLike, shards: list[ShardInfo], *,
         raise IndexDamaged(f"{header_path}: not a key index header; {INDEX_FIX}")
     if header.get("format") != INDEX_FORMAT or header.get("shards") != index_shards(shards):
         raise _Stale(f"{header_path}: key index is stale (shard set differs from the manifest)")
+    if header.get("datasets", [FEATURES_DATASET]) != paths:
+        raise _Stale(f"{header_path}: key index is stale (made for other outputs than the "
+                     "manifest lists)")
     name = header.get("dir")
     if not isinstance(name, str) or "/" in name or "\\" in name or not name.startswith("index-"):
         raise IndexDamaged(f"{header_path}: bad index folder {name!r}; {INDEX_FIX}")
@@ -284,19 +322,20 @@ def _open_index(out_dir: str | os.PathLike, shards: list[ShardInfo], *,
                 raise IndexDamaged(f"{path}: key index file damaged (checksum differs from "
                                    f"{INDEX_FILE}); {INDEX_FIX}")
     try:
-        return ArrayIndex(meta_dir / name, int(header["num_keys"]))
+        return ArrayIndex(meta_dir / name, int(header["num_keys"]), len(paths))
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise IndexDamaged(f"{meta_dir / name}: key index unusable ({err}); {INDEX_FIX}") from None
 
 
 def load_index(out_dir: str | os.PathLike, shards: list[ShardInfo], *,
-               check: bool = True) -> ArrayIndex | None:
+               check: bool = True, datasets: Sequence[str] | None = None) -> ArrayIndex | None:
     """The key index if present, intact (its files match the checksums in its header; skip
     that with ``check=False``, e.g. in a process that re-opens an index already checked) and
     made for exactly ``shards``; None if missing, stale or damaged (a warning says which):
-    the caller then reads the shards' keys."""
+    the caller then reads the shards' keys. ``datasets``: the store's feature datasets in
+    output order (default the one ``features``)."""
     try:
-        return _open_index(out_dir, shards, check=check)
+        return _open_index(out_dir, shards, check=check, datasets=datasets)
     except _Stale as err:
         log.warning("%s", err)
     except IndexDamaged as err:
@@ -304,15 +343,17 @@ def load_index(out_dir: str | os.PathLike, shards: list[ShardInfo], *,
     return None
 
 
-def check_index(out_dir: str | os.PathLike, shards: list[ShardInfo]) -> list[str] | None:
+def check_index(out_dir: str | os.PathLike, shards: list[ShardInfo],
+                datasets: Sequence[str] | None = None) -> list[str] | None:
     """Problems of the key index made for ``shards`` ([] when sound): its files against
     their checksums, then every key against the shards: the same keys in store order, each
     found at its own position and pointing at its own row offset. None when there is no
     index for ``shards`` (missing or stale). Reads every shard's keys."""
     import numpy as np
 
+    paths = list(datasets or [FEATURES_DATASET])
     try:
-        idx = _open_index(out_dir, shards)
+        idx = _open_index(out_dir, shards, datasets=paths)
     except _Stale:
         return None
     except IndexDamaged as err:
@@ -324,14 +365,15 @@ def check_index(out_dir: str | os.PathLike, shards: list[ShardInfo]) -> list[str
     rows = []
     owner: list[tuple[str, int]] = []  # (shard file, row) of each store position
     for info in sorted(shards, key=lambda s: s.shard_id):
-        keys, offs = read_layout(out / info.file)
+        keys, offs = read_layout(out / info.file, paths)
         raw.extend(keys)
         owner.extend((info.file, r) for r in range(len(keys)))
-        rows.append(offs if offs is not None else np.full(len(keys), -1, np.int64))
+        rows.append(_as_rows(offs, len(keys), len(paths)))
     folder = idx.folder
     if len(raw) != idx.n:
         return [f"{folder}: key index holds {idx.n} keys but the shards {len(raw)}; {INDEX_FIX}"]
-    bad = _index_mismatch(idx, raw, np.concatenate(rows) if rows else np.zeros(0, np.int64))
+    bad = _index_mismatch(idx, raw, np.concatenate(rows) if rows
+                          else _as_rows(None, 0, len(paths)))
     if bad is None:
         return []
     what, pos = bad

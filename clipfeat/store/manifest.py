@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from clipfeat.errors import ConfigError, StoreError
-from clipfeat.store.attrs import FORMAT_VERSION
+from clipfeat.store.attrs import format_version
 from clipfeat.store.index import write_index
 from clipfeat.store.io import atomic_write_json, atomic_write_lines, read_json
 from clipfeat.store.keys import json_line
 from clipfeat.store.layout import FAILURES, MANIFEST
+from clipfeat.store.outputs import OutputLayout, entries_problem, manifest_outputs
 from clipfeat.store.shard import ShardInfo, read_shard_info
 
 
@@ -33,22 +34,27 @@ def _ordered(shards: Iterable[ShardInfo]) -> list[ShardInfo]:
 
 
 def _write_manifest(out: Path, meta: dict, plan: dict, ordered: list[ShardInfo],
-                    complete: bool) -> None:
+                    complete: bool, outputs: list[dict] | None = None) -> None:
+    """manifest.json; ``outputs`` are its `manifest_outputs` entries (None: none listed)."""
     from clipfeat import __version__
 
     manifest = {
         "format": "clipfeat",
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version(len(outputs or ())),
         "clipfeat_version": __version__,
         "complete": bool(complete),
         "config": meta,
+    }
+    if outputs is not None:
+        manifest["outputs"] = outputs
+    manifest.update({
         "plan": plan,
         "num_images": sum(s.num_rows for s in ordered),
         "num_failures": sum(s.num_failures for s in ordered),
         "num_shards": len(ordered),
         "shards": [s.to_manifest() for s in ordered],
         "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    })
     atomic_write_json(out / MANIFEST, manifest)
 
 
@@ -59,11 +65,18 @@ def finalize(
     plan: dict,
     shards: Iterable[ShardInfo],
     complete: bool,
+    outputs: Sequence[OutputLayout | Mapping[str, Any]] | None = None,
 ) -> None:
     """Write failures.jsonl, (when complete) the key index, and manifest.json, each
-    atomically: at the end of a run, or when it stops."""
+    atomically: at the end of a run, or when it stops.
+
+    ``meta`` is manifest.json's ``config`` (the run's settings; for one output, its
+    attributes as well). ``outputs`` lists the store's outputs in shard order, as the
+    `OutputLayout` objects the shards were written with (or their manifest entries); None for a
+    one-output store derives its one entry from ``meta``."""
     out = Path(out_dir)
     ordered = _ordered(shards)
+    entries = manifest_outputs(outputs, meta)
 
     def failure_lines() -> Iterator[str]:
         for info in ordered:
@@ -72,8 +85,8 @@ def finalize(
 
     atomic_write_lines(out / FAILURES, failure_lines())
     if complete:
-        write_index(out, ordered)
-    _write_manifest(out, meta, plan, ordered, complete)
+        write_index(out, ordered, datasets=[e["dataset"] for e in entries or ()] or None)
+    _write_manifest(out, meta, plan, ordered, complete, entries)
 
 
 MANIFEST_FIX = "rerun the extract command (same settings) to rewrite it, or delete it"
@@ -105,6 +118,10 @@ def _manifest_problem(man: Any) -> str | None:
     for name, kind, required in kinds:
         if (required or man.get(name) is not None) and not isinstance(man.get(name), kind):
             return f"{name} is {_kind(man.get(name))}, not a JSON {kind.__name__}"
+    if "outputs" in man:
+        problem = entries_problem(man["outputs"])
+        if problem:
+            return problem
     for name in ("num_images", "num_failures", "num_shards"):
         value = man.get(name)
         if name in man and (isinstance(value, bool) or not isinstance(value, int)):

@@ -8,6 +8,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,21 @@ from clipfeat.store.index import DictIndex, load_index, read_layout
 from clipfeat.store.keys import key_str
 from clipfeat.store.layout import FAILURES
 from clipfeat.store.manifest import read_manifest
+from clipfeat.store.outputs import config_output, entry_attrs
 from clipfeat.store.shard import ShardInfo, open_shard
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Output:
+    """One output of a store: its name, feature dataset in every shard, row shape, and
+    metadata (the run's config with the output's own attributes)."""
+
+    name: str
+    dataset: str
+    shape: tuple[int, int]
+    meta: dict
 
 
 class FeatureStore:
@@ -35,12 +48,23 @@ class FeatureStore:
     checksum) when first opened. Shards HDF5 was asked to lay out differently (filters,
     other chunking) are read through h5py (``locking=False``) instead.
 
+    A store made with several outputs (layers, towers: ``store.outputs`` lists their names)
+    is read one of two ways. ``FeatureStore(out, output=NAME)`` (or ``store.select(NAME)``)
+    reads that output alone, exactly like a one-output store: ``store[key]`` a tensor,
+    ``shape``/``meta`` its own. Without ``output=``, ``store[key]`` and ``get_many`` give a
+    dict name -> tensor of every output, one ``pread`` per row per output (a fused-backbone
+    loader wants them all at once); ``shape`` then raises StoreError (rows of different
+    outputs have different shapes, and a dict would only fail later, far from the cause:
+    see ``shapes``), while ``dtype`` (one store dtype for all) and ``meta`` (the run's
+    settings) still answer. ``output_meta(name)`` describes any output.
+
     Picklable, so it can be (or be held by) the dataset of a ``torch.utils.data.DataLoader``
     with workers (fork or spawn); files are re-opened in each process. An int index
     ``store[i]`` reads the i-th row in store order (``store.keys()[i]``).
     """
 
-    def __init__(self, out_dir: str | os.PathLike, *, max_open_files: int = 128) -> None:
+    def __init__(self, out_dir: str | os.PathLike, output: str | None = None, *,
+                 max_open_files: int = 128) -> None:
         import numpy as np
 
         self.path = Path(out_dir)
@@ -50,7 +74,7 @@ class FeatureStore:
                 max_open_files < 1):
             raise ConfigError(f"max_open_files={max_open_files!r} must be an int >= 1")
         self.manifest = read_manifest(self.path)
-        self.meta: dict = dict(self.manifest.get("config") or {})
+        self.config: dict = dict(self.manifest.get("config") or {})
         self.complete: bool = bool(self.manifest.get("complete"))
         self.shards: list[ShardInfo] = sorted(
             (ShardInfo.from_manifest(e) for e in self.manifest["shards"]),
@@ -63,6 +87,10 @@ class FeatureStore:
                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
                 + "; rerun the extract command to redo it"
             )
+        entries = self.manifest.get("outputs") or [config_output(self.config)]
+        self.outputs: list[str] = [e["name"] for e in entries]
+        if output is not None and output not in self.outputs:
+            raise ConfigError(_unknown_output(output, self.outputs, self.path))
         if not self.complete:
             log.warning("%s: store is incomplete (the run is still going or was stopped); "
                         "reading the %d finished shards", self.path, len(self.shards))
@@ -71,13 +99,45 @@ class FeatureStore:
                                                 dtype=np.int64))
         self._n = int(self._starts[-1])
         self.max_open_files = max_open_files
+        self._datasets = [e["dataset"] for e in entries]
         self._index = None
         self._index_kind = None
         self._layouts: dict[int, Any] = {}  # shard number -> row offsets, or None (h5py)
         self._failures: dict[str, str] | None = None  # failures.jsonl, read on the first miss
         self._init_process_state()
         self._ensure_index()
-        self._row_shape, self._dtype = self._detect_shape()
+        self._dtype = self._detect_dtype()
+        self._outs = [_Output(e["name"], e["dataset"], self._detect_shape(e, j),
+                              self._output_meta(e)) for j, e in enumerate(entries)]
+        self._select(output)
+
+    def _output_meta(self, entry: dict) -> dict:
+        if len(self._datasets) == 1:  # one output: its attributes are the config's
+            return dict(self.config)
+        return {**self.config, **entry_attrs(entry), "output": entry["name"]}
+
+    def _select(self, output: str | None) -> None:
+        """Read ``output`` alone (None: the one output, or every output as a dict)."""
+        if output is None and len(self._outs) == 1:
+            output = self._outs[0].name
+        self.output: str | None = output
+        self._sel = [self.outputs.index(output)] if output is not None else \
+            list(range(len(self._outs)))
+        self.meta: dict = dict(self._outs[self._sel[0]].meta) if output is not None \
+            else dict(self.config)
+
+    def select(self, output: str) -> FeatureStore:
+        """This store reading ``output`` alone (as ``FeatureStore(out, output=output)``,
+        without reading the manifest and index again). ConfigError for an unknown name."""
+        if output not in self.outputs:
+            raise ConfigError(_unknown_output(output, self.outputs, self.path))
+        clone = FeatureStore.__new__(FeatureStore)
+        clone.__dict__.update({k: v for k, v in self.__dict__.items()
+                               if k not in _PROCESS_STATE})
+        clone._layouts = dict(self._layouts)
+        clone._init_process_state()
+        clone._select(output)
+        return clone
 
     # -- process-local state
 
@@ -89,7 +149,7 @@ class FeatureStore:
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        for name in ("_fds", "_handles", "_lock", "_pid"):
+        for name in _PROCESS_STATE:
             state.pop(name, None)
         state["_failures"] = None  # re-read on a miss, not copied to every worker
         if self._index_kind == "array":
@@ -116,7 +176,8 @@ class FeatureStore:
         if self._index is not None:
             return self._index
         # A process that re-opens an index already checked (a DataLoader worker) trusts it.
-        idx = load_index(self.path, self.shards, check=self._index_kind != "array")
+        idx = load_index(self.path, self.shards, check=self._index_kind != "array",
+                         datasets=self._datasets)
         if idx is not None:
             self._index, self._index_kind = idx, "array"
             return idx
@@ -127,7 +188,7 @@ class FeatureStore:
                         self.path, len(self.shards))
         key_list: list[str] = []
         for i, s in enumerate(self.shards):
-            raw, offsets = read_layout(self.path / s.file)
+            raw, offsets = read_layout(self.path / s.file, self._datasets)
             if len(raw) != s.num_rows:
                 raise StoreError(
                     f"{self.path / s.file}: {len(raw)} keys but the manifest says "
@@ -138,18 +199,28 @@ class FeatureStore:
         self._index, self._index_kind = DictIndex(key_list), "scan"
         return self._index
 
-    def _detect_shape(self):
+    def _first_shard_dataset(self, dataset: str) -> tuple[int, int, str]:
+        """(tokens, hidden, dtype name) of ``dataset`` in the first shard."""
+        with open_shard(self.path / self.shards[0].file) as f:
+            ds = f[dataset]
+            return int(ds.shape[1]), int(ds.shape[2]), ds.dtype.name
+
+    def _detect_dtype(self):
         import numpy as np
 
-        t, h = self.meta.get("tokens"), self.meta.get("hidden_size")
-        name = self.meta.get("store_dtype")
-        if (t is None or h is None or name not in STORE_DTYPES) and self.shards:
-            with open_shard(self.path / self.shards[0].file) as f:
-                ds = f["features"]
-                t, h, name = ds.shape[1], ds.shape[2], ds.dtype.name
+        name = self.config.get("store_dtype")
+        if name not in STORE_DTYPES and self.shards:
+            name = self._first_shard_dataset(self._datasets[0])[2]
+        return np.dtype(STORE_DTYPES.get(name, name or "<f2"))
+
+    def _detect_shape(self, entry: dict, j: int) -> tuple[int, int]:
+        src = self.config if len(self._datasets) == 1 else entry
+        t, h = src.get("tokens"), src.get("hidden_size")
+        if (t is None or h is None) and self.shards:
+            t, h, _ = self._first_shard_dataset(self._datasets[j])
         if t is None or h is None:
             raise StoreError(f"{self.path}: empty store without tokens/hidden_size in config")
-        return (int(t), int(h)), np.dtype(STORE_DTYPES.get(name, name or "<f2"))
+        return int(t), int(h)
 
     # -- file access
 
@@ -182,48 +253,60 @@ class FeatureStore:
                 pass
         return fd
 
-    def _dataset(self, idx: int):
-        """The h5py ``features`` dataset of shard number ``idx`` (non-standard layouts)."""
+    def _dataset(self, idx: int, j: int):
+        """The h5py dataset of output ``j`` in shard number ``idx`` (non-standard layouts)."""
         entry = self._handles.get(idx)
-        if entry is not None:
-            self._handles.move_to_end(idx)
-            return entry[1]
         path = self.path / self.shards[idx].file
-        try:
-            f = open_shard(path)
-            ds = f["features"]
-        except (OSError, KeyError, ValueError, RuntimeError) as err:
-            raise StoreError(f"{path}: cannot open ({err}); run clipfeat verify") from err
-        self._handles[idx] = (f, ds)
-        while len(self._handles) > self.max_open_files:
-            _, (old, _) = self._handles.popitem(last=False)
+        if entry is None:
             try:
-                old.close()
-            except Exception:  # noqa: BLE001
-                pass
-        return ds
+                entry = (open_shard(path), {})
+            except (OSError, ValueError, RuntimeError) as err:
+                raise StoreError(f"{path}: cannot open ({err}); run clipfeat verify") from err
+            self._handles[idx] = entry
+            while len(self._handles) > self.max_open_files:
+                _, (old, _) = self._handles.popitem(last=False)
+                try:
+                    old.close()
+                except Exception:  # noqa: BLE001
+                    pass
+        else:
+            self._handles.move_to_end(idx)
+        f, datasets = entry
+        if j not in datasets:
+            try:
+                datasets[j] = f[self._datasets[j]]
+            except (OSError, KeyError, ValueError, RuntimeError) as err:
+                raise StoreError(f"{path}: cannot open {self._datasets[j]} ({err}); run "
+                                 "clipfeat verify") from err
+        return datasets[j]
 
-    def _row_offset(self, pos: int, idx: int) -> int | None:
+    def _row_offset(self, pos: int, idx: int, j: int) -> int | None:
         if not hasattr(os, "preadv"):  # e.g. Windows: read through h5py
             return None
         if self._index_kind == "array":
-            return self._index.row_offset(pos)
+            return self._index.row_offset(pos, j)
         if idx not in self._layouts:
-            self._layouts[idx] = read_layout(self.path / self.shards[idx].file)[1]
+            self._layouts[idx] = read_layout(self.path / self.shards[idx].file,
+                                             self._datasets)[1]
         offsets = self._layouts[idx]
-        return None if offsets is None else int(offsets[pos - int(self._starts[idx])])
+        if offsets is None:
+            return None
+        row = pos - int(self._starts[idx])
+        off = int(offsets[row] if offsets.ndim == 1 else offsets[row, j])
+        return off if off >= 0 else None
 
-    def _read_into(self, pos: int, dest) -> None:
-        """Copy row ``pos`` (store order) into the (tokens, hidden) array ``dest``."""
+    def _read_into(self, pos: int, dest, j: int) -> None:
+        """Copy row ``pos`` (store order) of output ``j`` into the (tokens, hidden) array
+        ``dest``."""
         idx = self._shard_of(pos)
         view = memoryview(dest).cast("B")
         # One lock around lookup and read: another thread may evict (close) a descriptor.
         with self._lock:
             self._check_process()
             self._ensure_index()
-            offset = self._row_offset(pos, idx)
+            offset = self._row_offset(pos, idx, j)
             if offset is None:
-                dest[...] = self._dataset(idx)[pos - int(self._starts[idx])]
+                dest[...] = self._dataset(idx, j)[pos - int(self._starts[idx])]
                 return
             try:
                 got = os.preadv(self._fd(idx), [view], offset)
@@ -308,7 +391,9 @@ class FeatureStore:
         return int(np.searchsorted(self._starts, pos, side="right")) - 1
 
     def __getitem__(self, key: str | int):
-        """Features of ``key`` (str) or of row ``key`` (int) as a (tokens, hidden) tensor."""
+        """Features of ``key`` (str) or of row ``key`` (int) as a (tokens, hidden) tensor;
+        a dict output name -> tensor for a store of several outputs opened without
+        ``output=``."""
         import numpy as np
         import torch
 
@@ -316,9 +401,12 @@ class FeatureStore:
             pos = self._position(key)
         else:
             pos = self._find(key)
-        out = np.empty(self._row_shape, dtype=self._dtype)
-        self._read_into(pos, out)
-        return torch.from_numpy(out)
+        rows = {}
+        for j in self._sel:
+            out = np.empty(self._outs[j].shape, dtype=self._dtype)
+            self._read_into(pos, out, j)
+            rows[self._outs[j].name] = torch.from_numpy(out)
+        return rows if self.output is None else rows[self.output]
 
     def get(self, key: str, default: Any = None):
         """``store[key]``, or ``default`` when the key is absent."""
@@ -328,27 +416,51 @@ class FeatureStore:
             return default
 
     def get_many(self, keys: Iterable[str]):
-        """Features of several keys as one (k, tokens, hidden) tensor, in the given order."""
+        """Features of several keys as one (k, tokens, hidden) tensor, in the given order
+        (a dict output name -> such a tensor, as for ``store[key]``)."""
         import numpy as np
         import torch
 
         positions = [self._find(k) for k in keys]
-        out = np.empty((len(positions), *self._row_shape), dtype=self._dtype)
-        for dest in sorted(range(len(positions)), key=positions.__getitem__):
-            self._read_into(positions[dest], out[dest])
-        return torch.from_numpy(out)
+        order = sorted(range(len(positions)), key=positions.__getitem__)
+        rows = {}
+        for j in self._sel:
+            out = np.empty((len(positions), *self._outs[j].shape), dtype=self._dtype)
+            for dest in order:
+                self._read_into(positions[dest], out[dest], j)
+            rows[self._outs[j].name] = torch.from_numpy(out)
+        return rows if self.output is None else rows[self.output]
 
     # -- description
 
     @property
     def shape(self) -> tuple[int, int]:
-        """(tokens, hidden) of every row."""
-        return self._row_shape
+        """(tokens, hidden) of every row of the selected output. StoreError for a store of
+        several outputs opened without ``output=`` (see ``shapes``)."""
+        if self.output is None:
+            raise StoreError(
+                f"{self.path}: the store holds {len(self.outputs)} outputs of different shapes "
+                f"({', '.join(self.outputs)}): open it with FeatureStore(out, output=NAME), or "
+                "read store.shapes")
+        return self._outs[self._sel[0]].shape
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        """Output name -> (tokens, hidden) of its rows, for every output."""
+        return {o.name: o.shape for o in self._outs}
 
     @property
     def dtype(self):
-        """numpy dtype of the stored features."""
+        """numpy dtype of the stored features (one store dtype for every output)."""
         return self._dtype
+
+    def output_meta(self, name: str) -> dict:
+        """How output ``name`` was made: the run's settings with that output's own (model,
+        layer, feature, tokens, hidden_size, preprocessing, ...). ConfigError naming the
+        outputs when ``name`` is not one."""
+        if name not in self.outputs:
+            raise ConfigError(_unknown_output(name, self.outputs, self.path))
+        return dict(self._outs[self.outputs.index(name)].meta)
 
     @property
     def open_files(self) -> int:
@@ -394,5 +506,17 @@ class FeatureStore:
             pass
 
     def __repr__(self) -> str:
-        return (f"FeatureStore({str(self.path)!r}, keys={self._n}, shards={len(self.shards)}, "
-                f"complete={self.complete})")
+        picked = "" if len(self.outputs) == 1 else (
+            f", output={self.output!r}" if self.output is not None
+            else f", outputs={len(self.outputs)}")
+        return (f"FeatureStore({str(self.path)!r}{picked}, keys={self._n}, "
+                f"shards={len(self.shards)}, complete={self.complete})")
+
+
+#: Attributes that belong to one process (descriptors, HDF5 handles): never pickled or copied.
+_PROCESS_STATE = ("_fds", "_handles", "_lock", "_pid")
+
+
+def _unknown_output(name: Any, outputs: list[str], path: Path) -> str:
+    return (f"output {name!r} is not in the store {path}: its outputs are "
+            + ", ".join(repr(n) for n in outputs))

@@ -1,5 +1,8 @@
 """Writing one shard atomically (`ShardWriter`) and reading what a finished shard holds.
 
+A shard holds one output (dataset ``features``) or several (``features/NAME`` each, see
+`clipfeat.store.outputs`), all with the same rows, one per key.
+
 A shard is written as ``shard-NNNNNN.h5.partial`` and renamed into place after flush and
 fsync; the rename is the completion mark. Each shard carries its chunk's failure records,
 so one rename commits both. HDF5 writes only the metadata (through `_GuardedFile`, which
@@ -13,18 +16,22 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from clipfeat.errors import ConfigError, ExtractionError, StoreError
+from clipfeat.outputs import FEATURES_DATASET, dataset_path
 from clipfeat.store.attrs import (
     FLOAT16_MAX,
     FLOAT32_MAX,
-    FORMAT_VERSION,
+    OUTPUT_ATTRS,
+    OUTPUTS_ATTR,
     RESERVED_ATTRS,
     STORE_DTYPES,
     encode_attr,
+    format_version,
 )
 from clipfeat.store.checksum import (
     USERBLOCK,
@@ -44,6 +51,7 @@ from clipfeat.store.h5file import (
 from clipfeat.store.io import fsync_dir, os_error_message, unlink_quietly
 from clipfeat.store.keys import json_line, key_bytes, key_str, seq_sha256
 from clipfeat.store.layout import PARTIAL_SUFFIX, list_shard_files, parse_shard_id, shard_name
+from clipfeat.store.outputs import OutputLayout, check_names, shard_rows
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +138,133 @@ def _as_array(features: Any):
     return np.asarray(features)
 
 
+def _is_count(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value >= 1
+
+
+def _attrs_problems(attrs: Any, what: str, forbidden: Sequence[str]) -> list[str]:
+    """Why ``attrs`` cannot be given as ``what``: not a dict of str keys, or setting a name
+    in ``forbidden`` (set by the writer, or belonging elsewhere)."""
+    if not isinstance(attrs, Mapping):
+        return [f"{what} must be a dict, not {type(attrs).__name__}"]
+    problems = []
+    bad = [k for k in attrs if not isinstance(k, str)]
+    if bad:
+        problems.append(f"{what} keys must be str, got {bad[:3]!r}")
+    taken = [k for k in forbidden if k in attrs]
+    if taken:
+        problems.append(f"{what} may not set {taken}")
+    return problems
+
+
+def _disagree(attrs: Mapping[str, Any], what: str, values: Sequence[tuple[str, Any]]
+              ) -> list[str]:
+    return [f"{what}[{name!r}]={attrs[name]!r} disagrees with {val!r}"
+            for name, val in values if name in attrs and attrs[name] != val]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What `ShardWriter` writes besides the rows: the outputs, the root attributes, and
+    each output dataset's own attributes (empty for one output: they are the root's)."""
+
+    outputs: tuple[OutputLayout, ...]
+    root_attrs: dict[str, Any]
+    dataset_attrs: tuple[dict[str, Any], ...]
+
+
+def _layouts(tokens: Any, hidden: Any, outputs: Any
+             ) -> tuple[tuple[OutputLayout, ...], list[str]]:
+    """The outputs a writer is asked for (``tokens``/``hidden``: one output), and the
+    problems with them."""
+    if outputs is None:
+        return (OutputLayout(FEATURES_DATASET, tokens, hidden),), [
+            f"{name}={val!r} must be an int >= 1"
+            for name, val in (("tokens", tokens), ("hidden", hidden)) if not _is_count(val)]
+    problems = []
+    if tokens is not None or hidden is not None:
+        problems.append("pass tokens= and hidden=, or outputs=, not both")
+    if isinstance(outputs, (str, bytes, Mapping)) or not isinstance(outputs, Sequence) \
+            or not outputs:
+        return (), problems + ["outputs must be a non-empty list of OutputLayout"]
+    for o in outputs:
+        if not isinstance(o, OutputLayout):
+            problems.append(f"outputs item {o!r} is not an OutputLayout")
+            continue
+        problems += [f"output {o.name!r}: {name}={val!r} must be an int >= 1"
+                     for name, val in (("tokens", o.tokens), ("hidden", o.hidden))
+                     if not _is_count(val)]
+        problems += _attrs_problems(o.attrs, f"output {o.name!r} attrs",
+                                    RESERVED_ATTRS + (OUTPUTS_ATTR,))
+    if not problems:
+        clash = check_names([o.name for o in outputs])
+        problems += [clash] if clash else []
+    return tuple(outputs), problems
+
+
+def _plan(tokens: Any, hidden: Any, outputs: Any, store_dtype: Any, attrs: Any
+          ) -> tuple[_Plan | None, list[str]]:
+    """The writer's `_Plan` from its arguments, or None and the problems with them."""
+    layouts, problems = _layouts(tokens, hidden, outputs)
+    if store_dtype not in STORE_DTYPES:
+        problems.append(f"store_dtype={store_dtype!r} must be one of {sorted(STORE_DTYPES)}")
+    problems += _attrs_problems(attrs, "attrs", RESERVED_ATTRS + (OUTPUTS_ATTR,))
+    if len(layouts) > 1 and isinstance(attrs, Mapping):
+        own = [k for k in OUTPUT_ATTRS if k in attrs]
+        if own:
+            problems.append(f"attrs may not set {own} with several outputs: attrs are the "
+                            "run's, each output's own go in its OutputLayout.attrs")
+    if problems:
+        return None, problems
+    plan = _several_plan if len(layouts) > 1 else _one_plan
+    return plan(layouts, store_dtype, attrs)
+
+
+def _several_plan(layouts: tuple[OutputLayout, ...], store_dtype: str, attrs: Mapping
+                  ) -> tuple[_Plan | None, list[str]]:
+    """Root attributes: the run's, ``store_dtype`` and the output names; each dataset's:
+    its output's, with ``tokens``, ``hidden_size`` and ``output`` (its name)."""
+    root = {k: encode_attr(v) for k, v in attrs.items()}
+    root["store_dtype"] = store_dtype
+    root[OUTPUTS_ATTR] = json.dumps([o.name for o in layouts])
+    problems: list[str] = []
+    per = []
+    for o in layouts:
+        problems += _disagree(o.attrs, f"output {o.name!r} attrs",
+                              (("tokens", o.tokens), ("hidden_size", o.hidden),
+                               ("output", o.name), ("store_dtype", store_dtype)))
+        own = {k: encode_attr(v) for k, v in o.attrs.items()}
+        own.update(tokens=o.tokens, hidden_size=o.hidden, output=o.name)
+        per.append(own)
+    return (None if problems else _Plan(layouts, root, tuple(per))), problems
+
+
+def _one_plan(layouts: tuple[OutputLayout, ...], store_dtype: str, attrs: Mapping
+              ) -> tuple[_Plan | None, list[str]]:
+    """Today's file: the run's then the output's attributes, with ``tokens``,
+    ``hidden_size`` and ``store_dtype``, all at the root."""
+    one = layouts[0]
+    merged = dict(attrs)
+    problems = [f"attrs[{k!r}]={merged[k]!r} disagrees with output {one.name!r} attrs ({v!r})"
+                for k, v in one.attrs.items() if k in merged and merged[k] != v]
+    merged.update(one.attrs)
+    problems += _disagree(merged, "attrs", (("tokens", one.tokens), ("hidden_size", one.hidden),
+                                            ("store_dtype", store_dtype)))
+    root = {k: encode_attr(v) for k, v in merged.items()}
+    root.update(tokens=one.tokens, hidden_size=one.hidden, store_dtype=store_dtype)
+    return (None if problems else _Plan(layouts, root, ({},))), problems
+
+
+class _Rows:
+    """One output's dataset in a shard being written, and where its rows lie."""
+
+    def __init__(self, layout: OutputLayout, ds: Any, row_bytes: int, label: str) -> None:
+        self.layout = layout
+        self.ds = ds
+        self.space = RowSpace(ds, row_bytes)
+        self.label = label  # "" for one output, " of output NAME" for several
+
+
 class ShardWriter:
     """Writes one shard atomically. Keyword-only, use as a context manager::
 
@@ -139,6 +274,16 @@ class ShardWriter:
             w.add_failures(records)
             info = w.commit()
 
+    or, for several outputs (layers, towers) of the same images, each its own dataset
+    ``features/NAME`` with its own attributes (``attrs`` are then the run's)::
+
+        with ShardWriter(out, 3, outputs=[OutputLayout(name_a, 576, 1024, attrs_a),
+                                          OutputLayout(name_b, 729, 1152, attrs_b)],
+                         store_dtype="float16", attrs=run_attrs) as w:
+            w.append(keys, [feats_a, feats_b])   # one array per output, in order
+
+    One `OutputLayout` writes exactly the file of ``tokens=/hidden=`` (dataset
+    ``features``; ``attrs`` then its ``attrs``, in that order, are the root attributes).
     Leaving the block without ``commit()`` (or with an exception) discards the shard.
     Rows go straight to disk (memory is bounded by one batch); only keys stay in memory.
     """
@@ -148,8 +293,9 @@ class ShardWriter:
         out_dir: str | os.PathLike,
         shard_id: int,
         *,
-        tokens: int,
-        hidden: int,
+        tokens: int | None = None,
+        hidden: int | None = None,
+        outputs: Sequence[OutputLayout] | None = None,
         store_dtype: str,
         attrs: dict,
         expected_rows: int | None = None,
@@ -157,41 +303,26 @@ class ShardWriter:
         problems = []
         if isinstance(shard_id, bool) or not isinstance(shard_id, int) or shard_id < 0:
             problems.append(f"shard_id={shard_id!r} must be an int >= 0")
-        for name, val in (("tokens", tokens), ("hidden", hidden)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                problems.append(f"{name}={val!r} must be an int >= 1")
-        if store_dtype not in STORE_DTYPES:
-            problems.append(f"store_dtype={store_dtype!r} must be one of {sorted(STORE_DTYPES)}")
+        plan, found = _plan(tokens, hidden, outputs, store_dtype, attrs)
+        problems += found
         if expected_rows is not None and (
             isinstance(expected_rows, bool) or not isinstance(expected_rows, int)
             or expected_rows < 0
         ):
             problems.append(f"expected_rows={expected_rows!r} must be None or an int >= 0")
-        if not isinstance(attrs, dict):
-            problems.append(f"attrs must be a dict, not {type(attrs).__name__}")
-        else:
-            bad = [k for k in attrs if not isinstance(k, str)]
-            if bad:
-                problems.append(f"attrs keys must be str, got {bad[:3]!r}")
-            taken = [k for k in RESERVED_ATTRS if k in attrs]
-            if taken:
-                problems.append(f"attrs may not set {taken} (ShardWriter sets them)")
-            for name, val in (("tokens", tokens), ("hidden_size", hidden),
-                              ("store_dtype", store_dtype)):
-                if name in attrs and attrs[name] != val:
-                    problems.append(f"attrs[{name!r}]={attrs[name]!r} disagrees with {val!r}")
-        if problems:
+        if problems or plan is None:
             raise ConfigError("ShardWriter: " + "; ".join(problems))
         out = Path(out_dir)
         if out.exists() and not out.is_dir():
             raise ConfigError(f"output {out} exists and is not a folder: choose another path")
 
-        self._attrs = {k: encode_attr(v) for k, v in attrs.items()}
-        self._attrs.update(tokens=tokens, hidden_size=hidden, store_dtype=store_dtype)
+        self._plan = plan
+        self.outputs: tuple[OutputLayout, ...] = plan.outputs
         self.out_dir = out
         self.shard_id = shard_id
-        self.tokens = tokens
-        self.hidden = hidden
+        one = plan.outputs[0] if len(plan.outputs) == 1 else None
+        self.tokens = one.tokens if one else None  # of the one output (None for several)
+        self.hidden = one.hidden if one else None
         self.store_dtype = store_dtype
         self.final_path = out / shard_name(shard_id)
         self.partial_path = out / (shard_name(shard_id) + PARTIAL_SUFFIX)
@@ -202,9 +333,7 @@ class ShardWriter:
         self._failures: list[dict] = []
         self._raw: GuardedFile | None = None
         self._file = None
-        self._features = None
-        self._space: RowSpace | None = None
-        self._row_bytes = tokens * hidden * (2 if store_dtype == "float16" else 4)
+        self._outs: list[_Rows] = []
         self._hasher: BlockHasher | None = None  # digests blocks of rows as they are written
         self._state = "open"
         self.expected_rows = expected_rows  # a hint; chunks are allocated as rows come
@@ -225,13 +354,17 @@ class ShardWriter:
     def _create(self) -> None:
         import h5py
 
+        itemsize = 2 if self.store_dtype == "float16" else 4
+        n = len(self.outputs)
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self._raw = GuardedFile(self.partial_path)
             self._file = h5py.File(self._raw, "w", libver=LIBVER, userblock_size=USERBLOCK)
-            self._features = create_rows_dataset(self._file, "features", self.tokens,
-                                                 self.hidden, STORE_DTYPES[self.store_dtype])
-            self._space = RowSpace(self._features, self._row_bytes)
+            for o in self.outputs:
+                ds = create_rows_dataset(self._file, dataset_path(o.name, n), o.tokens,
+                                         o.hidden, STORE_DTYPES[self.store_dtype])
+                self._outs.append(_Rows(o, ds, o.tokens * o.hidden * itemsize,
+                                        f" of output {o.name!r}" if n > 1 else ""))
             self._hasher = BlockHasher()
         except OSError as err:
             self._fail(err)
@@ -260,59 +393,83 @@ class ShardWriter:
         return self._rows
 
     def append(self, keys: list[str], features: Any, *, checked: bool = False) -> None:
-        """Append rows: ``keys[i]`` names ``features[i]`` (shape (tokens, hidden)).
+        """Append rows: ``keys[i]`` names ``features[i]`` (shape (tokens, hidden)); with
+        several outputs ``features`` is a sequence of such arrays, one per output in order,
+        each with one row per key.
 
         Values are converted to the store dtype; a non-finite value, or one outside the
-        float16 range when storing float16, raises ExtractionError naming the key.
-        ``checked=True`` skips that scan when the caller already checked these very values
-        (features already in the store dtype, e.g. checked on the GPU before the cast).
+        float16 range when storing float16, raises ExtractionError naming the key (and
+        output). ``checked=True`` skips that scan when the caller already checked these very
+        values (features already in the store dtype, e.g. checked on the GPU before the cast).
+        Nothing is written unless every output's rows are sound.
         """
         import numpy as np
 
         self._check_open()
-        arr = _as_array(features)
+        arrays = self._arrays(features)
         keys = list(keys)
-        if arr.ndim != 3 or arr.shape[1:] != (self.tokens, self.hidden):
-            raise ConfigError(
-                f"{self.partial_path}: features have shape {tuple(arr.shape)}, expected "
-                f"(batch, {self.tokens}, {self.hidden})"
-            )
-        if len(keys) != arr.shape[0]:
-            raise ConfigError(
-                f"{self.partial_path}: {len(keys)} keys for {arr.shape[0]} feature rows"
-            )
+        for rows, arr in zip(self._outs, arrays, strict=True):
+            self._check_batch(rows, arr, len(keys))
         for k in keys:
             if not isinstance(k, str):
                 raise ConfigError(f"{self.partial_path}: key {k!r} is not a str")
             if k in self._seen:
                 raise ConfigError(f"{self.partial_path}: key {k!r} appended twice")
-        if arr.dtype.kind != "f":
-            raise ConfigError(
-                f"{self.partial_path}: features have dtype {arr.dtype}, expected floats"
-            )
-        b = arr.shape[0]
-        if b == 0:
+        if not keys:
             return
-        target = STORE_DTYPES[self.store_dtype]
-        if checked and arr.dtype == np.dtype(target):
-            data = np.ascontiguousarray(arr)
-        else:
-            data = self._convert_checked(arr, keys)
+        target = np.dtype(STORE_DTYPES[self.store_dtype])
+        data = [np.ascontiguousarray(arr) if checked and arr.dtype == target
+                else self._convert_checked(arr, keys, rows.label)
+                for rows, arr in zip(self._outs, arrays, strict=True)]
         try:
-            self._write_rows(data)
+            for rows, d in zip(self._outs, data, strict=True):
+                self._write_rows(rows, d)
         except OSError as err:
             self._fail(err)
         self._check_io()
-        self._rows += b
+        self._rows += len(keys)
         self._keys.extend(keys)
         self._seen.update(keys)
 
-    def _write_rows(self, data) -> None:
+    def _arrays(self, features: Any) -> list[Any]:
+        """``features`` as one numpy array per output (ConfigError when not that)."""
+        if len(self._outs) == 1:
+            return [_as_array(features)]
+        names = ", ".join(o.name for o in self.outputs)
+        if isinstance(features, (str, bytes, Mapping)) or not isinstance(features, Sequence):
+            raise ConfigError(
+                f"{self.partial_path}: features must be a sequence of {len(self._outs)} arrays, "
+                f"one per output ({names}), not {type(features).__name__}")
+        if len(features) != len(self._outs):
+            raise ConfigError(
+                f"{self.partial_path}: {len(features)} feature arrays for "
+                f"{len(self._outs)} outputs ({names})")
+        return [_as_array(f) for f in features]
+
+    def _check_batch(self, rows: _Rows, arr: Any, nkeys: int) -> None:
+        """ConfigError unless ``arr`` is (nkeys, tokens, hidden) floats of ``rows``' output."""
+        o = rows.layout
+        if arr.ndim != 3 or arr.shape[1:] != (o.tokens, o.hidden):
+            raise ConfigError(
+                f"{self.partial_path}: features{rows.label} have shape {tuple(arr.shape)}, "
+                f"expected (batch, {o.tokens}, {o.hidden})"
+            )
+        if nkeys != arr.shape[0]:
+            raise ConfigError(
+                f"{self.partial_path}: {nkeys} keys for {arr.shape[0]} feature rows{rows.label}"
+            )
+        if arr.dtype.kind != "f":
+            raise ConfigError(
+                f"{self.partial_path}: features{rows.label} have dtype {arr.dtype}, expected "
+                "floats"
+            )
+
+    def _write_rows(self, rows: _Rows, data) -> None:
         """Put ``data`` (b rows, store dtype, C order) after the rows written so far."""
         start = self._rows
-        runs = self._space.grow(len(data))
-        if not self._space.direct:  # old HDF5: through h5py (and so through GuardedFile)
-            self._features[start:start + len(data)] = data
+        runs = rows.space.grow(len(data))
+        if not rows.space.direct:  # old HDF5: through h5py (and so through GuardedFile)
+            rows.ds[start:start + len(data)] = data
             return
         fd = self._raw.fileno()
         for i, off, n in runs:
@@ -320,7 +477,7 @@ class ShardWriter:
             pwrite_all(fd, view, off)
             self._hasher.feed(off, view)
 
-    def _convert_checked(self, arr, keys: list[str]):
+    def _convert_checked(self, arr, keys: list[str], label: str = ""):
         """``arr`` in the store dtype, after checking every value fits (fast path: one
         min/max pass; on failure find the first bad row to name its key)."""
         import numpy as np
@@ -337,16 +494,17 @@ class ShardWriter:
         flat = t.reshape(t.shape[0], -1).double()
         finite = torch.isfinite(flat).all(dim=1)
         absmax = flat.abs().nan_to_num(0.0, posinf=0.0).amax(dim=1)
+        where = label.replace(" of ", " (") + ")" if label else ""
         for i, key in enumerate(keys):
             if not bool(finite[i]):
                 raise ExtractionError(
-                    f"non-finite feature values (NaN/Inf) for key {key!r} in "
+                    f"non-finite feature values (NaN/Inf) for key {key!r}{where} in "
                     f"{self.partial_path}: the tower overflowed its compute dtype; rerun "
                     "with --dtype float32 --store-dtype float32"
                 )
             if float(absmax[i]) > self._limit:
                 raise ExtractionError(
-                    f"feature value {float(absmax[i]):.6g} for key {key!r} exceeds the "
+                    f"feature value {float(absmax[i]):.6g} for key {key!r}{where} exceeds the "
                     f"{self.store_dtype} range (max {self._limit:.6g}) in "
                     f"{self.partial_path}: rerun with --store-dtype float32"
                 )
@@ -380,19 +538,23 @@ class ShardWriter:
         str_dt = h5py.string_dtype("utf-8")
         try:
             f = self._file
-            self._space.check()
+            for rows in self._outs:
+                rows.space.check()
             keys_arr = np.empty(len(keys_raw), dtype=object)
             keys_arr[:] = keys_raw
             f.create_dataset("keys", data=keys_arr, dtype=str_dt, track_times=False)
             fail_arr = np.empty(len(fail_raw), dtype=object)
             fail_arr[:] = fail_raw
             f.create_dataset("failures", data=fail_arr, dtype=str_dt, track_times=False)
-            attrs = dict(self._attrs)
+            for rows, own in zip(self._outs, self._plan.dataset_attrs, strict=True):
+                for k, v in own.items():
+                    rows.ds.attrs[k] = v
+            attrs = dict(self._plan.root_attrs)
             attrs.update(
                 shard_id=self.shard_id,
                 num_rows=self._rows,
                 num_failures=len(self._failures),
-                format_version=FORMAT_VERSION,
+                format_version=format_version(len(self._outs)),
                 keys_sha256=seq_sha256(keys_raw),
                 failures_sha256=seq_sha256(fail_raw),
             )
@@ -401,7 +563,8 @@ class ShardWriter:
             f.flush()
             self._check_io()
             f.close()
-            self._file = self._features = None
+            self._file = None
+            self._outs = []
             self._check_io()
         except OSError as err:
             self._fail(err)
@@ -469,7 +632,7 @@ class ShardWriter:
         if self._state == "committed":
             return
         self._state = "aborted"
-        f, self._file, self._features = self._file, None, None
+        f, self._file, self._outs = self._file, None, []
         raw, self._raw = self._raw, None
         if raw is not None:
             raw.discard = True  # nothing more reaches the disk; HDF5 closes cleanly
@@ -508,7 +671,7 @@ def read_shard_info(path: str | os.PathLike) -> ShardInfo:
     sid = parse_shard_id(path.name)
     try:
         with open_shard(path) as f:
-            n = int(f["features"].shape[0])
+            n = shard_rows(f)  # every output present, with the same rows
             failures = read_shard_failures(f)
         size = os.stat(path).st_size
         recorded = shard_checksum(path)
@@ -526,6 +689,15 @@ def read_shard_info(path: str | os.PathLike) -> ShardInfo:
         failures=failures,
         checksum=recorded[0] if recorded else None,
     )
+
+
+def read_shard_row(path: str | os.PathLike, row: int, dataset: str = FEATURES_DATASET
+                   ) -> tuple[str, Any]:
+    """(key, stored row as a numpy array) of row ``row`` of one output of a finished shard:
+    its feature ``dataset`` (``features``, or ``features/NAME`` of a several-output store:
+    ``clipfeat.outputs.dataset_path``). OSError/KeyError/ValueError as h5py raises them."""
+    with open_shard(path) as f:
+        return key_str(f["keys"][row]), f[dataset][row]
 
 
 def scan_shards(out_dir: str | os.PathLike) -> dict[int, ShardInfo]:
