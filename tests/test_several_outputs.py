@@ -309,3 +309,25 @@ def test_two_towers_two_layers_two_ranks_killed_then_finished_by_one(
     got, want = every_dataset(out), every_dataset(multi_ref)
     assert {k: got[k] for k in kept} == kept
     assert got == want
+
+
+def test_a_lost_plan_is_rebuilt_from_every_outputs_attributes(tmp_path, images, clip_full_dir,
+                                                            siglip_dir, caplog):
+    """plan.jsonl gone: the rerun rebuilds it from the shards, whose identity is each
+    output's own attributes; nothing is redone, and a change of output is still refused."""
+    clip, sig = str(clip_full_dir), str(siglip_dir)
+    root = str(images["a.jpg"].parent)
+    out = tmp_path / "out"
+    kw = dict(roots=[root], out=str(out), model=[clip, sig], layer=["-1,mean(0:2)"],
+              shard_size=3, **KW)
+    clipfeat.extract(**kw)
+    before = every_dataset(out)
+    (out / ".clipfeat" / "plan.jsonl").unlink()
+    s = clipfeat.extract(**kw)
+    assert s.skipped == len(images) and s.extracted == 0
+    assert "rebuilt from the 3 intact finished shards" in caplog.text
+    assert every_dataset(out) == before
+    (out / ".clipfeat" / "plan.jsonl").unlink()
+    with pytest.raises(ConfigError, match=r"outputs\..*/-1\.feature: 'patch' in OUT -> "
+                                          r"'cls_patch' now"):
+        clipfeat.extract(**dict(kw, feature=[f"{clip}=cls_patch"]))
