@@ -38,9 +38,11 @@ from clipfeat.testing import save_tiny_clip, save_tiny_siglip, tower_checkpoint 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=1)
 
 
-def _towers(cache: Path) -> dict[str, Path]:
-    """The checkpoints, made once in ``cache``."""
-    out = {"vitb32": tower_checkpoint(cache, "vitb32"), "clip_a": tower_checkpoint(cache, "tiny336")}
+def _towers(cache: Path, *, vitb32: bool) -> dict[str, Path]:
+    """The checkpoints, made once in ``cache`` (``vitb32`` only when the layers pair runs)."""
+    out = {"clip_a": tower_checkpoint(cache, "tiny336")}
+    if vitb32:
+        out["vitb32"] = tower_checkpoint(cache, "vitb32")
     b = cache / "tower-tiny336-seed1"
     if not (b / "config.json").exists():
         save_tiny_clip(b, image_size=336, patch_size=14, seed=1, **TINY)
@@ -79,7 +81,8 @@ def main() -> None:
     args = ap.parse_args()
 
     cache = Path(args.cache)
-    towers = _towers(cache)
+    chosen = args.only or ["layers", "same", "mixed"]
+    towers = _towers(cache, vitb32="layers" in chosen)
     photos = make_photos(cache / "photos-640x480", max(args.images, args.layer_images))
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     work = Path(tempfile.mkdtemp(prefix="clipfeat-bench-outputs-"))
@@ -87,14 +90,14 @@ def main() -> None:
     few = _folder(work, photos[: args.layer_images], "imgs-few")
     out = work / "out"
     a, b, s = (str(towers[k]) for k in ("clip_a", "clip_b", "siglip"))
+    vitb32 = str(towers.get("vitb32"))
     pairs = {
         # name: (images, [baseline runs], candidate run)
-        "layers": (few, [["--model", str(towers["vitb32"]), "--layer", "-1"]],
-                   ["--model", str(towers["vitb32"]), "--layer", "-1,-2,-3,mean(0:3)"]),
+        "layers": (few, [["--model", vitb32, "--layer", "-1"]],
+                   ["--model", vitb32, "--layer", "-1,-2,-3,mean(0:3)"]),
         "same": (many, [["--model", a], ["--model", b]], ["--model", a, "--model", b]),
         "mixed": (many, [["--model", a], ["--model", s]], ["--model", a, "--model", s]),
     }
-    chosen = args.only or list(pairs)
     times: dict[str, dict[str, list[float]]] = {k: {"separate": [], "one pass": []}
                                                 for k in chosen}
     for r in range(args.rounds):
