@@ -11,9 +11,12 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from clipfeat.cli import _DEFAULTS, app
+from clipfeat import ExtractConfig
+from clipfeat.cli import app
 from clipfeat.config import DEFAULT_VERIFY_SAMPLE
 from clipfeat.sources import DEFAULT_EXTS
+
+DEFAULTS = ExtractConfig()  # the library's defaults: what --help must show
 
 WIDE = {"COLUMNS": "250", "TERMINAL_WIDTH": "250"}
 
@@ -74,11 +77,11 @@ def test_help_has_examples_panels_and_no_artefacts(cmd):
 
 def test_extract_help_defaults_are_the_librarys():
     text = " ".join(_help(("extract",)).split())
-    assert f"[default: {_DEFAULTS.model}]" in text
-    assert f"[default: {_DEFAULTS.layer}]" in text
-    assert f"[default: {_DEFAULTS.batch_size}]" in text
-    assert f"[default: {_DEFAULTS.shard_size}]" in text
-    assert "[default: one per core]" in text and _DEFAULTS.workers is None
+    assert f"[default: {DEFAULTS.model}]" in text
+    assert f"[default: {DEFAULTS.layer}]" in text
+    assert f"[default: {DEFAULTS.batch_size}]" in text
+    assert f"[default: {DEFAULTS.shard_size}]" in text
+    assert "[default: one per core]" in text and DEFAULTS.workers is None
     assert f"[default: {','.join(DEFAULT_EXTS)}]" in text
     # --files-from without ROOT: paths are relative to the current folder
     assert "without ROOT: to the current folder" in text

@@ -331,3 +331,14 @@ def test_a_lost_plan_is_rebuilt_from_every_outputs_attributes(tmp_path, images, 
     with pytest.raises(ConfigError, match=r"outputs\..*/-1\.feature: 'patch' in OUT -> "
                                           r"'cls_patch' now"):
         clipfeat.extract(**dict(kw, feature=[f"{clip}=cls_patch"]))
+
+
+def test_cls_patch_on_a_siglip_beside_a_clip_names_the_tower(tmp_path, images, clip_full_dir,
+                                                            siglip_dir):
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["extract", str(images["a.jpg"].parent), "--out", str(out),
+                              "--model", str(clip_full_dir), "--model", str(siglip_dir),
+                              "--feature", "cls_patch"])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert f"--model {siglip_dir}: feature 'cls_patch' needs a CLS token" in res.output
+    assert "--feature MODEL=cls_patch" in res.output and not out.exists()

@@ -307,7 +307,8 @@ def prepare(cfg: ExtractConfig) -> Prepared:
     sources.check_roots(cfg.roots)
     _check_out(out)
 
-    towers = tuple(_resolve_tower(cfg, req) for req in cfg.towers())
+    requests = cfg.towers()
+    towers = tuple(_resolve_tower(cfg, req, several=len(requests) > 1) for req in requests)
     specs = [t.spec for t in towers]
     spec = specs[0] if len(set(specs)) == 1 else SpecSet.of(specs)
     _check_batch_memory(cfg, towers, spec)
@@ -335,9 +336,10 @@ def prepare(cfg: ExtractConfig) -> Prepared:
     return Prepared(cfg, out, towers, spec, settings, items, plan)
 
 
-def _resolve_tower(cfg: ExtractConfig, req: Any) -> TowerSetup:
+def _resolve_tower(cfg: ExtractConfig, req: Any, *, several: bool) -> TowerSetup:
     """One --model resolved (once per run: its tower is built from this very ModelRef), its
-    feature and layers checked against it, and its preprocessing."""
+    feature and layers checked against it, and its preprocessing. With ``several`` towers a
+    bad feature names the tower and the per-tower form of the flag."""
     from clipfeat.modelref import resolve_model
     from clipfeat.outputs import check_distinct
     from clipfeat.preprocess import PreprocessSpec, check_spec_fits
@@ -345,7 +347,13 @@ def _resolve_tower(cfg: ExtractConfig, req: Any) -> TowerSetup:
 
     ref = resolve_model(req.model, revision=req.revision, need_weights=True,
                         allow_pickle=cfg.allow_pickle)
-    check_feature(req.feature, ref.family)
+    try:
+        check_feature(req.feature, ref.family)
+    except ConfigError as err:
+        if not several:
+            raise
+        raise ConfigError(f"--model {req.model}: {err}, or give {req.feature} to the other "
+                          f"towers only (--feature MODEL={req.feature})") from None
     check_distinct(req.layers, ref.num_hidden_layers, model=req.model)
     if ref.preprocessor_config is None:
         logger.warning("model %r has no preprocessor_config.json: using the %s defaults at %d px",
