@@ -90,6 +90,8 @@ def format_model(d: dict) -> str:
 
 
 def _model_rows(d: dict) -> list[tuple[str, str]]:
+    """`format_model`'s rows; without ``layer`` (a tower of `describe_run`, whose outputs
+    have their own lines) no layer or per-image row."""
     lo, hi = d["layer_range"]
     pp = d["preprocessing"]
     cls = "yes" if d["has_cls_token"] else "no"
@@ -114,11 +116,16 @@ def _model_rows(d: dict) -> list[tuple[str, str]]:
         ("hidden size", str(d["hidden_size"])),
         ("blocks", f"{d['num_hidden_layers']} (valid --layer {lo}..{hi})"),
         ("image", image),
-        ("layer", f"{d['layer']} = hidden_states[{d['layer_index']}]"),
+    ]
+    if "layer" in d:
+        rows.append(("layer", f"{d['layer']} = hidden_states[{d['layer_index']}]"))
+    rows += [
         ("feature", f"{d['feature']} ({d['tokens_per_image']} tokens, {tokens_note})"),
         ("feature shape", f"{tokens} x {hidden} ({d['store_dtype']})"),
-        ("per image", f"{human_bytes(d['bytes_per_image'])} ({d['bytes_per_image']} B)"),
     ]
+    if "layer" in d:
+        rows.append(("per image", f"{human_bytes(d['bytes_per_image'])} "
+                                  f"({d['bytes_per_image']} B)"))
     if "images" in d:
         rows.append((f"{d['images']} images", f"{d['total_human']} ({d['total_bytes']} B)"))
     rows += [
@@ -273,13 +280,12 @@ def describe_run(
     requests = tower_requests(models, layers=layers, features=features)
     towers, outputs = [], []
     for req in requests:
-        ref = resolve_model(req.model, revision=req.revision, need_weights=False)
-        num_layers = ref.num_hidden_layers
+        tower = describe_model(req.model, layer=-1, feature=req.feature)  # configs read once
+        for key in ("layer", "layer_index", "bytes_per_image"):  # per output, below
+            tower.pop(key)
+        num_layers = tower["num_hidden_layers"]
         check_distinct(req.layers, num_layers, model=req.model)
         deepest = max(sel.deepest(num_layers) for sel in req.layers)
-        tower = describe_model(req.model, layer=deepest, feature=req.feature)
-        for key in ("layer", "layer_index", "bytes_per_image"):
-            tower.pop(key)
         tower["blocks_run"] = deepest
         towers.append(tower)
         for sel in req.layers:
@@ -307,9 +313,7 @@ def format_run(d: dict) -> str:
     """`describe_run` as text: each tower's table, then one line per output and the totals."""
     parts = []
     for t in d["towers"]:
-        rows = [(k, v) for k, v in _model_rows(
-            {**t, "layer": t["blocks_run"], "layer_index": t["blocks_run"], "bytes_per_image": 0})
-            if k not in ("layer", "per image")]
+        rows = _model_rows(t)
         rows.append(("blocks run", f"{t['blocks_run']} of {t['num_hidden_layers']} "
                                    "(the deepest layer asked)"))
         parts.append(_table(rows))

@@ -137,11 +137,12 @@ class Device:
                                         batch_size))
             feats = [f for tower, j in zip(self.towers, self.inputs, strict=True)
                      for f in tower.forward_outputs(pix[j])]
-            bad = torch.zeros((), dtype=torch.bool, device=self.device)
+            bad = None  # one flag on the device for every output of the batch
             for f in feats:
-                bad = bad | ~torch.isfinite(f).all()
+                b = ~torch.isfinite(f).all()
                 if self.check_range:
-                    bad = bad | (f.abs().amax() > FLOAT16_MAX)
+                    b = b | (f.abs().amax() > FLOAT16_MAX)
+                bad = b if bad is None else bad | b
             outs = [f.to(self.store_dtype) for f in feats]
             if not self.cuda:
                 return [o.numpy() for o in outs], bool(bad), None, None
