@@ -68,14 +68,12 @@ class SpecSet:
         return [flat[o:o + 3 * s.out_height * s.out_width].reshape(spec_shape(s))
                 for o, s in zip(self.offsets, self.specs, strict=True)]
 
-    def decode(self, path: Any, aspect: str, exif_transpose: bool,
-               max_pixels: int | None) -> np.ndarray:
-        """Decode ``path`` once and make every spec's pixels: the flat uint8 buffer."""
+    def pixels(self, img: Any, aspect: str, max_pixels: int | None) -> np.ndarray:
+        """Every spec's pixels of one decoded image (`to_uint8` each): the flat uint8 buffer."""
         import numpy as np
 
-        from clipfeat.preprocess import load_image, to_uint8
+        from clipfeat.preprocess import to_uint8
 
-        img = load_image(path, exif_transpose=exif_transpose, max_pixels=max_pixels)
         out = np.empty(self.nbytes, dtype=np.uint8)
         for view, spec in zip(self.split(out), self.specs, strict=True):
             view[...] = to_uint8(img, spec, aspect, max_pixels=max_pixels)

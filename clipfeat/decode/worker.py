@@ -51,9 +51,9 @@ def decode_file(
     ``path`` may also be an image inside a tar or parquet file (`clipfeat.sources`): its
     bytes are read where they are and decoded as the same file on disk would be."""
     with opened(path) as src:
-        if isinstance(spec, SpecSet):
-            return spec.decode(src, aspect, exif_transpose, max_pixels)
         img = load_image(src, exif_transpose=exif_transpose, max_pixels=max_pixels)
+    if isinstance(spec, SpecSet):
+        return spec.pixels(img, aspect, max_pixels)
     return to_uint8(img, spec, aspect, max_pixels=max_pixels)
 
 
